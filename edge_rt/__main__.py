@@ -1,0 +1,3 @@
+from edge_rt.cli import main
+
+main()

@@ -1,0 +1,320 @@
+"""The Python API: `load()` -> `LLM`, with generate / stream / chat / sessions.
+
+    import edge_rt
+    llm = edge_rt.load()                       # default model, device "auto"
+    print(llm.generate("The capital of France is", max_tokens=8).text)
+    for piece in llm.stream("Tell me a story", temperature=0.7, seed=1):
+        print(piece, end="", flush=True)
+    reply = llm.chat([{"role": "user", "content": "Hi!"}])
+
+Thread-safety: an `LLM` holds one KV cache, so its calls are serialized by a lock: several
+threads may share one object (each call waits for the previous one to finish; a stream holds
+the lock until it is exhausted or closed). For parallel generation load one `LLM` per thread.
+Errors from bad input are `edge_rt.EdgeRTError` subclasses (see edge_rt.errors).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from devices import Device, resolve_device
+from edge_rt.errors import ContextOverflowError, InvalidOptionError, ModelFormatError
+from edge_rt.generation.engine import Engine, GenerationConfig, GenerationStats
+from edge_rt.generation.sampling import SamplingParams
+from edge_rt.loading.chat_template import render_chat
+from edge_rt.loading.resolve import resolve_model_path
+
+DEFAULT_N_CTX = 4096
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+@dataclass
+class ModelSource:
+    """What a model path holds, before any weight is decoded."""
+
+    path: Path
+    format: str  # "gguf" | "hf"
+    args: object  # ModelArgs
+    tensors: dict
+    file_types: dict
+    metadata: dict
+
+
+def open_model(path: str | os.PathLike | None) -> ModelSource:
+    """Resolve and open a model file or folder (no weights decoded)."""
+    p = resolve_model_path(path)
+    if p.is_dir():
+        from edge_rt.loading.hf import open_hf_folder
+
+        f = open_hf_folder(p)
+        return ModelSource(p, "hf", f.args, f.tensors, f.file_types, f.config)
+    with open(p, "rb") as fh:
+        magic = fh.read(4)
+    if magic == b"GGUF":
+        from edge_rt.loading.gguf import open_gguf
+
+        f = open_gguf(p)
+        return ModelSource(p, "gguf", f.args, f.tensors, f.file_types, f.metadata)
+    raise ModelFormatError(f"{p}: not a model (expected a GGUF file or a Hugging Face folder)")
+
+
+def _tokenizer_for(src: ModelSource):
+    from edge_rt.loading.tokenizer import Tokenizer
+
+    if src.format == "gguf":
+        return Tokenizer.from_gguf_metadata(src.metadata)
+    return Tokenizer.from_hf_folder(src.path)
+
+
+def load(model: str | os.PathLike | None = None, device: str = "auto", *, dtype: str | None = None,
+         n_ctx: int | None = None, threads: int | None = None, quantized: bool = True) -> "LLM":
+    """Load a model for generation.
+
+    Args:
+        model: a GGUF file or a Hugging Face folder; None for the default model
+            (SmolLM2-135M-Instruct, fetched once with `edge-rt pull`).
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        dtype: compute dtype ("bfloat16", "float16", "float32"); default: the device's.
+        n_ctx: context length (default: the model's, at most 4096).
+        threads: CPU threads (default: torch's default, the core count).
+        quantized: keep 4-bit GGUF weights packed (fast); False dequantizes everything.
+    Returns:
+        An LLM.
+    Raises:
+        ModelNotFoundError, ModelFormatError, UnsupportedModelError, DeviceError, InvalidOptionError.
+    """
+    dev = resolve_device(device)
+    if dtype is not None and dtype not in DTYPES:
+        raise InvalidOptionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise InvalidOptionError(f"threads must be an integer >= 1, got {threads}")
+    src = open_model(model)
+    args = src.args
+    if n_ctx is None:
+        n_ctx = min(args.max_position_embeddings, DEFAULT_N_CTX)
+    if not isinstance(n_ctx, int) or not 16 <= n_ctx <= args.max_position_embeddings:
+        raise InvalidOptionError(f"n_ctx must be in [16, {args.max_position_embeddings}], got {n_ctx}")
+    tokenizer = _tokenizer_for(src)
+    if threads:
+        torch.set_num_threads(threads)
+    from backends.torch_backend import TorchBackend
+    from edge_rt.loading.weights import build_model
+
+    compute = DTYPES[dtype] if dtype else dev.default_dtype
+    t0 = time.perf_counter()
+    net = build_model(args, src.tensors, compute, dev.torch_device, n_ctx, quantized=quantized)
+    # Attention and the KV cache run in fp32 on CPU (faster there than bf16 for these small
+    # matrices, and closer to llama.cpp); in the compute dtype on accelerators.
+    kv_dtype = torch.float32 if dev.kind == "cpu" else compute
+    backend = TorchBackend(net, dev.torch_device, n_ctx, kv_dtype=kv_dtype, threads=threads)
+    return LLM(src, tokenizer, backend, dev, compute, time.perf_counter() - t0)
+
+
+class LLM:
+    """A loaded model with its tokenizer, backend and KV cache. See the module docstring."""
+
+    def __init__(self, source: ModelSource, tokenizer, backend, device: Device, dtype: torch.dtype,
+                 load_s: float = 0.0):
+        self.source = source
+        self.args = source.args
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.device = device
+        self.dtype = dtype
+        self.load_s = load_s
+        self.engine = Engine(backend, tokenizer)
+
+    # --- text in, text out ------------------------------------------------------------------
+
+    @property
+    def n_ctx(self) -> int:
+        return self.backend.n_ctx
+
+    @property
+    def last_stats(self) -> GenerationStats:
+        return self.engine.last_stats
+
+    def encode(self, text: str, parse_special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, parse_special=parse_special)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        from edge_rt.loading.chat_template import CHATML_TEMPLATE
+
+        tok = self.tokenizer
+        template = tok.chat_template or CHATML_TEMPLATE
+        bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
+        eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
+        return render_chat(template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=bos, eos_token=eos)
+
+    def _prompt_ids(self, prompt: str | Sequence[int], chat: bool) -> list[int]:
+        if not isinstance(prompt, str):
+            ids = [int(i) for i in prompt]
+            bad = [i for i in ids if not 0 <= i < self.tokenizer.vocab_size]
+            if bad:
+                raise InvalidOptionError(f"token id {bad[0]} is outside the vocabulary (size {self.tokenizer.vocab_size})")
+            return ids
+        if chat:
+            return self.tokenizer.encode(self.apply_chat_template([{"role": "user", "content": prompt}]),
+                                         parse_special=True)
+        return self.tokenizer.encode(prompt)
+
+    @staticmethod
+    def _config(max_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                seed=None, stop=None, ignore_eos=False) -> GenerationConfig:
+        if isinstance(stop, str):
+            stop = [stop]
+        sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repetition_penalty, seed=seed)
+        return GenerationConfig(max_tokens=max_tokens, stop=tuple(stop or ()), sampling=sp, ignore_eos=ignore_eos)
+
+    def stream_pieces(self, prompt: str | Sequence[int], *, chat: bool = False, **options):
+        """Like `stream`, but yields engine Pieces (text, token_id, finish_reason)."""
+        config = self._config(**options)
+        ids = self._prompt_ids(prompt, chat)
+        return self.engine.generate(ids, config)
+
+    def stream(self, prompt: str | Sequence[int], *, chat: bool = False, **options) -> Iterator[str]:
+        """Yield the completion's text as it is generated. Options as in `generate`."""
+        for piece in self.stream_pieces(prompt, chat=chat, **options):
+            if piece.text:
+                yield piece.text
+
+    def generate(self, prompt: str | Sequence[int], *, chat: bool = False, max_tokens: int = 256,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> Completion:
+        """Complete a prompt (text, or token ids).
+
+        Args:
+            prompt: text (tokenized without special-token parsing) or a list of token ids.
+            chat: wrap a text prompt as one user turn in the model's chat template.
+            max_tokens: most tokens to generate.
+            temperature: 0 for greedy decoding.
+            top_k, top_p, min_p, repetition_penalty, seed: sampling options.
+            stop: stop string(s); the returned text ends before the first match.
+            ignore_eos: keep generating past end-of-turn tokens.
+        Returns:
+            Completion(text, token_ids, finish_reason, stats).
+        """
+        opts = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos)
+        return self._collect(self.stream_pieces(prompt, chat=chat, **opts))
+
+    def _collect(self, pieces) -> Completion:
+        text, ids, finish = [], [], "length"
+        for p in pieces:
+            text.append(p.text)
+            if p.token_id is not None:
+                ids.append(p.token_id)
+            if p.finish_reason:
+                finish = p.finish_reason
+        return Completion("".join(text), ids, finish, self.engine.last_stats)
+
+    def chat(self, messages: list[dict], **options) -> Completion:
+        """One assistant reply to OpenAI-style messages [{"role": ..., "content": ...}]."""
+        return self._collect(self.stream_chat(messages, **options))
+
+    def stream_chat(self, messages: list[dict], **options):
+        """Pieces of the assistant reply to `messages` (prefix of the cache is reused)."""
+        ids = self.tokenizer.encode(self.apply_chat_template(messages), parse_special=True)
+        return self.engine.generate(ids, self._config(**options))
+
+    def session(self, system: str | None = None) -> "ChatSession":
+        """A chat that keeps its history (and, through prefix reuse, its KV cache)."""
+        return ChatSession(self, system)
+
+    def reset(self) -> None:
+        """Drop the KV cache."""
+        self.engine.reset()
+
+    def perplexity(self, text: str | Sequence[int], window: int | None = None) -> float:
+        """Perplexity of text, scored in non-overlapping windows of `window` tokens (default n_ctx)."""
+        ids = self.tokenizer.encode(text) if isinstance(text, str) else list(text)
+        window = min(window or self.n_ctx, self.n_ctx)
+        if len(ids) < 2:
+            raise InvalidOptionError("perplexity needs at least 2 tokens")
+        nll, count = 0.0, 0
+        for start in range(0, len(ids) - 1, window):
+            chunk = ids[start : start + window]
+            if len(chunk) < 2:
+                break
+            logits = self.engine.score(chunk)
+            lp = torch.log_softmax(logits[:-1].float(), -1)
+            nll -= lp.gather(1, torch.tensor(chunk[1:])[:, None]).sum().item()
+            count += len(chunk) - 1
+        return math.exp(nll / count)
+
+    def info(self) -> dict:
+        from edge_rt.memory.estimate import describe_model
+
+        return describe_model(self.source, dtype=self.dtype, n_ctx=self.n_ctx) | {"device": self.device.to_dict()}
+
+
+class ChatSession:
+    """Multi-turn chat. Each turn sends the whole history; the engine reuses the cached prefix.
+
+    Context policy: when history plus the new turn would not leave room for a reply
+    (min_reply tokens), the oldest non-system turns are dropped, a user/assistant pair at a time.
+    If the newest user turn alone does not fit, ContextOverflowError is raised.
+    """
+
+    min_reply = 64
+
+    def __init__(self, llm: LLM, system: str | None = None):
+        self.llm = llm
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+
+    def _fit(self) -> list[int]:
+        while True:
+            ids = self.llm.tokenizer.encode(self.llm.apply_chat_template(self.messages), parse_special=True)
+            if len(ids) + self.min_reply <= self.llm.n_ctx:
+                return ids
+            first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+            if len(self.messages) - first <= 1:
+                raise ContextOverflowError(
+                    f"the message has {len(ids)} tokens; with room for a reply the context holds {self.llm.n_ctx}"
+                )
+            del self.messages[first : first + 2]
+
+    def stream(self, user: str, **options):
+        """Yield text pieces of the reply; the reply is added to the history when it ends."""
+        self.messages.append({"role": "user", "content": user})
+        try:
+            ids = self._fit()
+        except ContextOverflowError:
+            self.messages.pop()
+            raise
+        reply = []
+        try:
+            for piece in self.llm.engine.generate(ids, self.llm._config(**options)):
+                reply.append(piece.text)
+                if piece.text:
+                    yield piece.text
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(reply)})
+
+    def send(self, user: str, **options) -> str:
+        return "".join(self.stream(user, **options))
+
+    def reset(self) -> None:
+        system = [m for m in self.messages[:1] if m["role"] == "system"]
+        self.messages = system

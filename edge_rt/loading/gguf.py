@@ -1,0 +1,211 @@
+"""GGUF files: memory-mapped through the `gguf` package, validated before use.
+
+`open_gguf(path)` returns a `GGUFModelFile` with the metadata as plain Python values, the
+`ModelArgs`, and one `SourceTensor` per tensor (named in the model's own names). Nothing is
+decoded until the loader asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader
+
+from edge_rt.errors import ModelFormatError, UnsupportedModelError
+from edge_rt.loading import quants
+from edge_rt.loading.names import GGUF_NAMES, map_name
+from edge_rt.models.llama import ARCHITECTURES, ModelArgs
+
+GGUF_MAGIC = b"GGUF"
+
+# GGUF metadata key (with {arch} = general.architecture) -> ModelArgs field. From llama.cpp's
+# gguf-py constants (Keys.LLM / Keys.Attention / Keys.Rope).
+GGUF_ARGS = {
+    "hidden_size": "{arch}.embedding_length",
+    "intermediate_size": "{arch}.feed_forward_length",
+    "num_hidden_layers": "{arch}.block_count",
+    "num_attention_heads": "{arch}.attention.head_count",
+    "num_key_value_heads": "{arch}.attention.head_count_kv",
+    "head_dim": "{arch}.attention.key_length",
+    "rms_norm_eps": "{arch}.attention.layer_norm_rms_epsilon",
+    "rope_theta": "{arch}.rope.freq_base",
+    "max_position_embeddings": "{arch}.context_length",
+    "sliding_window": "{arch}.attention.sliding_window",
+    "vocab_size": "{arch}.vocab_size",
+}
+REQUIRED_ARGS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+# Architectures whose GGUF conversion permuted the rows of Q and K for llama.cpp's interleaved
+# rotary embedding (convert_hf_to_gguf.py LlamaModel.permute). We undo it at load so the model
+# always uses the Hugging Face (half-split) rotary layout. qwen2 uses NEOX rope: not permuted.
+ROPE_PERMUTED_ARCHS = {"llama", "mistral"}
+
+
+@dataclass
+class SourceTensor:
+    """One tensor of a model file, not yet decoded."""
+
+    name: str  # name in the file
+    shape: tuple[int, ...]  # torch order ([out, in] for weights)
+    qtype: Any  # GGMLQuantizationType
+    raw: np.ndarray | None = None  # file bytes (memory-mapped)
+    row_perm: torch.Tensor | None = None  # applied to rows after decoding
+    array: Any = None  # for dense sources (safetensors): a tensor-producing callable
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.nbytes) if self.raw is not None else int(np.prod(self.shape)) * 2
+
+    def int4(self):
+        """(q, scale, zero) when the type maps exactly onto Int4Linear, else None."""
+        if self.qtype not in quants.INT4_TYPES or len(self.shape) != 2:
+            return None
+        q, scale, zero = quants.split_int4(self.raw, self.qtype, self.shape)
+        if self.row_perm is not None:
+            q, scale, zero = q[self.row_perm], scale[self.row_perm], zero[self.row_perm]
+        return q, scale, zero
+
+    def int8(self):
+        """(q int8 [N, K], d [N, K/32]) for Q8_0 weights, else None."""
+        if self.qtype != QT.Q8_0 or len(self.shape) != 2:
+            return None
+        q, d = quants.split_q8_0(self.raw, self.shape)
+        if self.row_perm is not None:
+            q, d = q[self.row_perm], d[self.row_perm]
+        return q, d
+
+    def dense(self) -> torch.Tensor:
+        """The tensor in fp32 (bit-exact dequantization)."""
+        if self.array is not None:
+            t = self.array().float()
+        else:
+            t = quants.dequantize(self.raw, self.qtype, self.shape)
+        return t[self.row_perm] if self.row_perm is not None else t
+
+
+@dataclass
+class GGUFModelFile:
+    path: Path
+    metadata: dict[str, Any]
+    args: ModelArgs
+    tensors: dict[str, list[tuple[int, SourceTensor]]]  # model target -> [(part, tensor)]
+    file_types: dict[str, int]  # tensor type name -> count
+
+    @property
+    def architecture(self) -> str:
+        return self.args.model_type
+
+
+def _reader(path: Path) -> GGUFReader:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelFormatError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        reader = GGUFReader(path, "r")
+    except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError,
+            MemoryError, AssertionError, EOFError, OSError) as e:
+        raise ModelFormatError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {_one_line(e)})") from None
+    size = os.path.getsize(path)
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size or t.data.nbytes != t.n_bytes:
+            raise ModelFormatError(f"{path}: truncated GGUF: tensor {t.name} ends at byte {end}, file has {size}")
+    return reader
+
+
+def _one_line(e: Exception) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:200] if s else ""
+
+
+def read_metadata(reader: GGUFReader) -> dict[str, Any]:
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = field.contents()
+        except (ValueError, IndexError, UnicodeDecodeError, TypeError) as e:
+            raise ModelFormatError(f"metadata key {key!r} is corrupt ({_one_line(e)})") from None
+    return meta
+
+
+def args_from_metadata(meta: dict[str, Any], n_vocab_tokens: int | None) -> ModelArgs:
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ModelFormatError("GGUF has no general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"architecture {arch!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    values = {}
+    for field, key in GGUF_ARGS.items():
+        v = meta.get(key.format(arch=arch))
+        if v is not None:
+            values[field] = v
+    missing = [f for f in REQUIRED_ARGS if f not in values]
+    if missing:
+        raise ModelFormatError(f"GGUF metadata lacks {', '.join(GGUF_ARGS[m].format(arch=arch) for m in missing)}")
+    if "vocab_size" not in values and n_vocab_tokens:
+        values["vocab_size"] = n_vocab_tokens
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling == "linear":
+        values["rope_scaling"] = {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+    elif scaling not in (None, "none"):
+        raise UnsupportedModelError(f"rope scaling {scaling!r} is not supported")
+    try:
+        args = ModelArgs(model_type=arch, **values)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ModelFormatError(f"inconsistent GGUF hyper-parameters: {_one_line(e)}") from None
+    for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        v = getattr(args, f)
+        if not isinstance(v, int) or v <= 0:
+            raise ModelFormatError(f"GGUF hyper-parameter {f} = {v!r} is invalid")
+    if args.hidden_size % args.num_attention_heads or args.num_attention_heads % args.num_key_value_heads:
+        raise ModelFormatError("GGUF head counts do not divide the embedding size")
+    args.attention_bias = ARCHITECTURES[arch].get("attention_bias", False)
+    args.bos_token_id = meta.get("tokenizer.ggml.bos_token_id")
+    args.eos_token_id = meta.get("tokenizer.ggml.eos_token_id")
+    return args
+
+
+def _rope_unpermute(rows: int, n_heads: int) -> torch.Tensor:
+    """Row order that undoes convert_hf_to_gguf's permute for `n_heads` heads."""
+    hd = rows // n_heads
+    return torch.arange(rows).reshape(n_heads, hd // 2, 2).transpose(1, 2).reshape(-1)
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFModelFile:
+    """Open and validate a GGUF model file (memory-mapped; nothing decoded yet)."""
+    path = Path(path)
+    reader = _reader(path)
+    meta = read_metadata(reader)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    args = args_from_metadata(meta, len(tokens) if isinstance(tokens, list) else None)
+    permute = args.model_type in ROPE_PERMUTED_ARCHS
+    tensors: dict[str, list[tuple[int, SourceTensor]]] = {}
+    file_types: dict[str, int] = {}
+    for t in reader.tensors:
+        qtype = t.tensor_type
+        quants.check_supported(t.name, qtype)
+        shape = tuple(int(s) for s in reversed([int(x) for x in t.shape]))
+        if len(shape) == 2 and qtype not in (QT.F32, QT.F16, QT.BF16) and shape[1] % quants.BLOCK:
+            raise ModelFormatError(f"tensor {t.name}: row length {shape[1]} is not a multiple of the block size")
+        target, part = map_name(GGUF_NAMES, t.name)
+        file_types[qtype.name] = file_types.get(qtype.name, 0) + 1
+        if target is None:
+            continue
+        src = SourceTensor(name=t.name, shape=shape, qtype=qtype, raw=t.data)
+        if permute and (".attn_q." in t.name or ".attn_k." in t.name):
+            heads = args.num_attention_heads if ".attn_q." in t.name else args.num_key_value_heads
+            src.row_perm = _rope_unpermute(shape[0], heads)
+        tensors.setdefault(target, []).append((part, src))
+    args.tie_word_embeddings = "lm_head.weight" not in tensors
+    return GGUFModelFile(path=path, metadata=meta, args=args, tensors=tensors, file_types=file_types)

@@ -1,0 +1,135 @@
+"""Assemble a model from the tensors of a file: the one place weights meet modules.
+
+The model is built on the meta device, then every parameter is assigned from its source
+tensor(s). Linear weights whose file type maps exactly onto a packed format (GGUF Q4_0/Q4_1 ->
+Int4Linear) keep their codes when `quantized` is true; everything else is dequantized bit-exactly
+to fp32 and cast to the compute dtype. Norm weights stay fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edge_rt.errors import ModelFormatError
+from edge_rt.loading.quants import int8_as_int4
+from edge_rt.models.linear import Int4Linear, Int8Embedding, swap_linear
+from edge_rt.models.llama import ModelArgs, Transformer, rope_table
+
+INT4_GROUP = 32
+
+
+def _parts(tensors, target):
+    parts = sorted(tensors.get(target, []), key=lambda p: p[0])
+    return [src for _, src in parts]
+
+
+def _check_shape(target: str, got: tuple, want: tuple) -> None:
+    if tuple(got) != tuple(want):
+        raise ModelFormatError(f"tensor for {target} has shape {tuple(got)}, the config implies {tuple(want)}")
+
+
+def _linear(target, srcs, bias, want, use_int4, dtype, device) -> nn.Module:
+    """One linear module from its source parts: packed int4 where the file type allows, else dense."""
+    if use_int4:
+        split = [s.int4() for s in srcs]
+        if all(p is not None for p in split):
+            q, scale, zero = (torch.cat(x) for x in zip(*split))
+            _check_shape(target, q.shape, want)
+            return Int4Linear(q, scale, zero, INT4_GROUP, bias, dtype, device)
+        split8 = [s.int8() for s in srcs]
+        if all(p is not None for p in split8):
+            q8, d = (torch.cat(x) for x in zip(*split8))
+            _check_shape(target, q8.shape, want)
+            return Int4Linear(*int8_as_int4(q8, d), INT4_GROUP, bias, dtype, device, input_repeat=2)
+    w = torch.cat([s.dense() for s in srcs])
+    _check_shape(target, w.shape, want)
+    new = nn.Linear(want[1], want[0], bias=bias is not None, device=device, dtype=dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
+def build_model(args: ModelArgs, tensors: dict, dtype: torch.dtype, device: torch.device,
+                n_ctx: int, quantized: bool = True, progress=None) -> Transformer:
+    """Build a Transformer on `device` from source tensors keyed by model target.
+
+    Args:
+        args: hyper-parameters.
+        tensors: model target -> [(part, SourceTensor)].
+        dtype: compute dtype for activations and dense weights.
+        device: torch device.
+        n_ctx: context length to prepare rotary tables for.
+        quantized: keep Q4_0/Q4_1 codes packed (Int4Linear) instead of dequantizing.
+        progress: optional callable(done, total) for progress display.
+    """
+    with torch.device("meta"):
+        model = Transformer(args)
+    use_int4 = quantized and dtype in (torch.float16, torch.bfloat16)
+    linear_names = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    params = dict(model.named_parameters())
+    targets = list(params)
+    for i, target in enumerate(targets):
+        if progress:
+            progress(i, len(targets))
+        module_name, _, kind = target.rpartition(".")
+        if target == "lm_head.weight" and "lm_head.weight" not in tensors:
+            continue  # tied: assigned after the embedding
+        srcs = _parts(tensors, target)
+        if not srcs:
+            if kind == "bias":
+                raise ModelFormatError(f"model file lacks the bias tensors for {module_name}")
+            raise ModelFormatError(f"model file lacks tensor {target}")
+        want = tuple(params[target].shape)
+        if module_name in linear_names and kind == "weight":
+            module = model.get_submodule(module_name)
+            bias = None
+            if module.bias is not None:
+                bsrcs = _parts(tensors, module_name + ".bias")
+                if not bsrcs:
+                    raise ModelFormatError(f"model file lacks the bias tensors for {module_name}")
+                bias = torch.cat([s.dense() for s in bsrcs])
+            swap_linear(model, module_name, _linear(target, srcs, bias, want, use_int4, dtype, device))
+        elif kind == "bias" and module_name in linear_names:
+            continue  # handled with its weight
+        elif target == "embed.weight" and use_int4 and srcs[0].int8() is not None:
+            q, d = srcs[0].int8()
+            _check_shape(target, q.shape, want)
+            model.embed = Int8Embedding(q, d, INT4_GROUP, dtype, device)
+        else:
+            w = torch.cat([s.dense() for s in srcs]) if len(srcs) > 1 else srcs[0].dense()
+            _check_shape(target, w.shape, want)
+            keep_fp32 = "norm" in module_name
+            owner = model.get_submodule(module_name)
+            setattr(owner, kind, nn.Parameter(w.to(device, torch.float32 if keep_fp32 else dtype), requires_grad=False))
+    if "lm_head.weight" not in tensors:  # tied to the embedding
+        if isinstance(model.embed, nn.Embedding):
+            head = nn.Linear(args.hidden_size, args.vocab_size, bias=False, device="meta")
+            head.weight = model.embed.weight
+        else:
+            head = _linear("lm_head.weight", _parts(tensors, "embed.weight"), None,
+                           (args.vocab_size, args.hidden_size), use_int4, dtype, device)
+        swap_linear(model, "lm_head", head)
+    model.register_buffer("rope", rope_table(args, n_ctx).to(device), persistent=False)
+    model.compute_dtype = dtype
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.is_meta:
+            raise ModelFormatError(f"model file lacks tensor {name}")
+    if progress:
+        progress(len(targets), len(targets))
+    release_heap()
+    return model.eval().requires_grad_(False)
+
+
+def release_heap() -> None:
+    """Hand the decoder's freed scratch memory back to the OS (glibc keeps it otherwise)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if sys.platform.startswith("linux") and ctypes.util.find_library("c"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)

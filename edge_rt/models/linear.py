@@ -1,0 +1,136 @@
+"""The linear-layer factory and the weight formats that plug into it.
+
+Models build every projection with `make_linear`; a loader then swaps a module for another format
+(`swap_linear`) without the model knowing. Formats here:
+- dense: `nn.Linear` in the compute dtype;
+- int4 groups (`Int4Linear`): 4-bit codes with a scale and zero per group of 32 inputs,
+  w = (q - 8) * scale + zero. GGUF Q4_0 (zero = 0) and Q4_1 (zero = m + 8 d) map onto it without
+  re-quantizing; only scale and zero are rounded to the compute dtype. It runs on PyTorch's
+  packed int4 matmul kernels (`_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm` on
+  CUDA) and falls back to a dense weight where neither exists (MPS).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def make_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+    """The one place models get a linear layer from (dense by default)."""
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def swap_linear(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path `name` with `new`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def int4_kernel_for(device: torch.device) -> str:
+    """Which int4 matmul kernel runs on this device: 'cpu', 'cuda' or 'dense' (dequantized)."""
+    if device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return "cpu"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return "cuda"
+    return "dense"
+
+
+class Int4Linear(nn.Module):
+    """Linear layer with 4-bit group-quantized weights: w = (q - 8) * scale + zero per group."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device, input_repeat: int = 1):
+        """
+        Args:
+            q: [N, K * input_repeat] integer codes in 0..15.
+            scale, zero: [N, K * input_repeat // group_size] (any float dtype; stored in `dtype`).
+            group_size: inputs per group (32 for GGUF Q4 blocks).
+            bias: [N] or None.
+            input_repeat: the input is concatenated this many times before the product (2 for
+                int8 weights split into two 4-bit halves, see loading.quants.int8_as_int4).
+        """
+        super().__init__()
+        N, K = q.shape
+        self.input_repeat = input_repeat
+        self.padded_out = -N % 16  # the packed kernels want N divisible by 16: pad with zero rows
+        self.in_features, self.out_features, self.group_size = K // input_repeat, N, group_size
+        self.kernel = int4_kernel_for(device)
+        if self.kernel == "dense":
+            w = dequantize_int4(q, scale, zero, group_size).to(device=device, dtype=dtype)
+            self.register_buffer("weight", w)
+        else:
+            if self.padded_out:
+                pad = self.padded_out
+                q = torch.cat([q, q.new_full((pad, K), 8)])
+                scale = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])])
+                zero = torch.cat([zero, zero.new_zeros(pad, zero.shape[1])])
+            self.register_buffer("packed", pack_int4(q, device, self.kernel))
+            sz = torch.stack([scale.t(), zero.t()], dim=-1)  # [K/gs, N(+pad), 2]
+            self.register_buffer("scales_and_zeros", sz.to(device=device, dtype=dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.to(device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_repeat > 1:
+            x = torch.cat([x] * self.input_repeat, dim=-1)
+        if self.kernel == "dense":
+            return F.linear(x, self.weight, self.bias)
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features * self.input_repeat)
+        if self.kernel == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
+        if self.padded_out:
+            y = y[:, : self.out_features]
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, group={self.group_size}, "
+                f"kernel={self.kernel}, input_repeat={self.input_repeat}")
+
+
+class Int8Embedding(nn.Module):
+    """Embedding table kept as int8 codes with a scale per 32-wide group (GGUF Q8_0).
+
+    Looked-up rows are dequantized in fp32 (bit-exact), then cast to the compute dtype.
+    """
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, group_size: int, dtype: torch.dtype, device):
+        super().__init__()
+        # q: [V, D] int8; d: [V, D / group_size]
+        self.group_size, self.dtype = group_size, dtype
+        self.register_buffer("q", q.to(device))
+        self.register_buffer("d", d.float().to(device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q = self.q[ids].float()  # [..., D]
+        d = self.d[ids].repeat_interleave(self.group_size, dim=-1)
+        return (q * d).to(self.dtype)
+
+
+PACK_ROWS = 4096  # rows packed at a time: bounds the int32 copy the packing op needs
+
+
+def pack_int4(q: torch.Tensor, device: torch.device, kernel: str) -> torch.Tensor:
+    """Pack [N, K] codes 0..15 (any integer dtype, N % 16 == 0) into the int4 kernel's layout."""
+    if kernel == "cpu":
+        # rows are packed independently, so packing in row blocks gives the same bytes
+        return torch.cat([
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i : i + PACK_ROWS].to(torch.int32).contiguous(), 1)
+            for i in range(0, q.shape[0], PACK_ROWS)
+        ])
+    # CUDA tinygemm layout: two codes per byte (even index in the high nibble), then tiled.
+    q = q.to(torch.int32)
+    q8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).to(device)
+    return torch.ops.aten._convert_weight_to_int4pack(q8.contiguous(), 8)
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Reference dequantization in fp32: [N, K]."""
+    s = scale.float().repeat_interleave(group_size, dim=1)
+    z = zero.float().repeat_interleave(group_size, dim=1)
+    return (q.float() - 8.0) * s + z

@@ -1,0 +1,260 @@
+"""Llama-family decoder (llama, mistral, qwen2): ModelArgs and the modules. No I/O, no devices.
+
+The KV cache lives outside the model (edge_rt/kv): `forward(tokens, caches, start_pos)` reads and
+writes one cache object per layer. Linear layers come from `edge_rt.models.linear.make_linear`,
+so a weight format (dense, int4 groups, ...) plugs in by swapping the module after construction.
+Projections are fused (wqkv = [q; k; v], w13 = [gate; up]) to keep the number of kernel calls per
+layer low; the loader's name table says how file tensors map onto the fused weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_rt.models.linear import make_linear
+
+# Architectures this file runs; the value says what differs from plain llama.
+ARCHITECTURES = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"attention_bias": True},
+}
+
+
+@dataclass
+class ModelArgs:
+    """Model hyper-parameters, with Hugging Face config.json field names."""
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> "ModelArgs":
+        """Build from a config.json dict; unknown keys go to `extra`."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        known = {k: v for k, v in config.items() if k in names}
+        extra = {k: v for k, v in config.items() if k not in names}
+        args = cls(**known, extra=extra)
+        args.attention_bias = bool(
+            config.get("attention_bias", ARCHITECTURES.get(args.model_type, {}).get("attention_bias", False))
+        )
+        return args
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def num_parameters(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        d, L = self.hidden_size, self.num_hidden_layers
+        attn = d * (self.q_dim + 2 * self.kv_dim) + self.q_dim * d
+        if self.attention_bias:
+            attn += self.q_dim + 2 * self.kv_dim
+        mlp = 3 * d * self.intermediate_size
+        per_layer = attn + mlp + 2 * d
+        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return L * per_layer + embed + d
+
+
+# Tiny presets for tests; real configs come from the model file.
+PRESETS = {
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 rope_theta=10000.0, tie_word_embeddings=True),
+    "tiny-qwen2": dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=160,
+                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                       max_position_embeddings=256, rope_theta=1e6, attention_bias=True),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True),
+}
+
+
+def preset(name: str, **overrides) -> ModelArgs:
+    return ModelArgs(**{**PRESETS[name], **overrides})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        # x: fp32 residual stream; normalize in fp32 like llama.cpp, return in the matmul dtype
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * self.weight).to(out_dtype)
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], with llama3-style scaling when the config asks for it."""
+    hd = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
+        factor = scaling["factor"]
+        lo, hi = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        smooth = ((old_ctx / wavelen) - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+        mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    elif kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope scaling {kind!r}")
+    return inv
+
+
+def rope_table(args: ModelArgs, length: int) -> torch.Tensor:
+    """cos/sin table [length, 2, head_dim] for half-split (HF) rotary embedding, fp32.
+
+    The sin row carries the sign of rotate_half, so rope is x * cos + swap_halves(x) * sin.
+    """
+    inv = rope_frequencies(args)
+    t = torch.arange(length, dtype=torch.float64)
+    ang = torch.outer(t, inv)  # [T, hd/2]
+    ang = torch.cat([ang, ang], dim=-1)  # [T, hd]
+    sin = ang.sin()
+    sin[:, : inv.shape[0]] *= -1  # rotate-half: first half gets -x2 * sin
+    return torch.stack([ang.cos(), sin], dim=1).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    # x: [B, T, H, hd]; cos, sin: [T, 1, hd] (fp32; sin has its first half negated)
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rot = torch.cat([xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rot * sin).to(out_dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv = args.num_key_value_heads
+        self.hd = args.head_dim
+        self.q_dim, self.kv_dim = args.q_dim, args.kv_dim
+        self.scale = 1.0 / math.sqrt(args.head_dim)
+        self.wqkv = make_linear(args.hidden_size, args.q_dim + 2 * args.kv_dim, bias=args.attention_bias)
+        self.wo = make_linear(args.q_dim, args.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache, mask):
+        # x: [B, T, D]
+        B, T, _ = x.shape
+        H, Hkv, hd = self.n_heads, self.n_kv, self.hd
+        qkv = self.wqkv(x)
+        # rotate q and k together: [B, T, H + Hkv, hd]
+        # Attention runs in the cache's dtype (fp32 by default: on CPU it is both faster
+        # and closer to llama.cpp than bf16 for these small matrices).
+        qk = apply_rope(qkv[..., : self.q_dim + self.kv_dim].view(B, T, H + Hkv, hd), cos, sin, cache.dtype)
+        q = qk[:, :, :H].transpose(1, 2)  # [B, H, T, hd]
+        k = qk[:, :, H:].transpose(1, 2)  # [B, Hkv, T, hd]
+        v = qkv[..., self.q_dim + self.kv_dim :].view(B, T, Hkv, hd).transpose(1, 2).to(cache.dtype)
+        k, v = cache.update_and_fetch(k, v)  # [B, Hkv, S, hd]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.q_dim).to(x.dtype))  # [B, T, D]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.inter = args.intermediate_size
+        self.w13 = make_linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.w2 = make_linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).split(self.inter, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.attn = Attention(args)
+        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.ffn = FeedForward(args)
+
+    def forward(self, x, cos, sin, cache, mask, dtype):
+        # x: [B, T, D] fp32 residual stream; dtype: the dtype of matmul inputs
+        h = x + self.attn(self.attn_norm(x, dtype), cos, sin, cache, mask)
+        return h + self.ffn(self.ffn_norm(h, dtype))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = make_linear(args.hidden_size, args.vocab_size, bias=False)
+        self.register_buffer("rope", rope_table(args, args.max_position_embeddings), persistent=False)
+        self.compute_dtype = torch.float32  # dtype of matmul inputs; the loader sets it
+
+    def forward(self, tokens: torch.Tensor, caches, start_pos: int, last_only: bool = False) -> torch.Tensor:
+        """Run a chunk of tokens at absolute positions start_pos.. and return fp32 logits.
+
+        Args:
+            tokens: [B, T] token ids.
+            caches: one KV cache object per layer (update_and_fetch, offset == start_pos).
+            start_pos: position of tokens[:, 0].
+            last_only: return logits for the last position only ([B, 1, V]).
+        Returns:
+            logits [B, T, V] (or [B, 1, V]) in fp32.
+        """
+        B, T = tokens.shape
+        dtype = self.compute_dtype
+        x = self.embed(tokens).float()  # [B, T, D]: the residual stream stays fp32
+        rope = self.rope[start_pos : start_pos + T]
+        cos, sin = rope[:, 0, None], rope[:, 1, None]  # [T, 1, hd]
+        mask = causal_mask(T, start_pos, x.device) if T > 1 else None
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, cos, sin, cache, mask, dtype)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x, dtype)).float()
+
+
+def causal_mask(T: int, start_pos: int, device) -> torch.Tensor:
+    """Boolean mask [T, start_pos + T]: query i sees keys 0..start_pos+i."""
+    q = torch.arange(start_pos, start_pos + T, device=device)[:, None]
+    k = torch.arange(start_pos + T, device=device)[None, :]
+    return k <= q
