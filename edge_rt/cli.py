@@ -53,6 +53,15 @@ CtxOpt = typer.Option(None, "--n-ctx", help="context length (default: model's, a
 ThreadsOpt = typer.Option(None, "--threads", "-t", help="CPU threads")
 
 
+def _check_options(opts: dict, device: str) -> None:
+    """Validate options before the (slow) model load, so bad input fails fast."""
+    from devices import parse_device
+    from edge_rt.api import LLM
+
+    parse_device(device)
+    LLM._config(**opts)
+
+
 def _load(model, device, dtype, n_ctx, threads):
     import edge_rt
 
@@ -80,10 +89,11 @@ def run(
     threads: Optional[int] = ThreadsOpt,
 ):
     """Generate a completion for PROMPT and print it (streamed unless --json)."""
+    opts = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+    _check_options(opts, device)
     llm = _load(model, device, dtype, n_ctx, threads)
-    pieces = llm.stream_pieces(prompt, chat=chat, max_tokens=max_tokens, temperature=temperature,
-                               top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                               seed=seed, stop=stop)
+    pieces = llm.stream_pieces(prompt, chat=chat, **opts)
     text, ids, finish = [], [], None
     for p in pieces:
         if p.token_id is not None:
@@ -132,9 +142,10 @@ def chat(
     threads: Optional[int] = ThreadsOpt,
 ):
     """Interactive chat. Commands: /reset, /stats, /exit. Ctrl-C stops the current reply."""
-    llm = _load(model, device, dtype, n_ctx, threads)
     opts = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                 repetition_penalty=repetition_penalty, seed=seed)
+    _check_options(opts, device)
+    llm = _load(model, device, dtype, n_ctx, threads)
     session = llm.session(system)
     typer.echo(f"edge-rt chat: {llm.source.path.name} on {llm.device.label} ({str(llm.dtype).removeprefix('torch.')}). "
                "/reset, /stats, /exit; Ctrl-C stops a reply.", err=True)

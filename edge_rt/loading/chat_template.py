@@ -109,7 +109,9 @@ def render_chat(
     try:
         compiled = _compile(template)
     except TemplateSyntaxError as e:
-        raise ModelFormatError(f"chat template does not parse: {_one_line(e.message)} (line {e.lineno})") from None
+        raise ModelFormatError(
+            f"chat template does not parse: {_one_line(e.message)} (line {e.lineno})"
+        ) from None
     try:
         return compiled.render(
             messages=messages,
@@ -119,9 +121,13 @@ def render_chat(
             **extra,
         )
     except _TemplateRaised as e:
-        raise InvalidOptionError(f"the chat template refused the messages: {_one_line(e)}") from None
+        raise InvalidOptionError(
+            f"the chat template refused the messages: {_one_line(e)}"
+        ) from None
     except Exception as e:  # the template is the model's code: whatever it raises, it is broken
-        raise ModelFormatError(f"chat template failed: {type(e).__name__}: {_one_line(e)}") from None
+        raise ModelFormatError(
+            f"chat template failed: {type(e).__name__}: {_one_line(e)}"
+        ) from None
 
 
 def _one_line(e: Any) -> str:

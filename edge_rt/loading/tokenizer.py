@@ -100,6 +100,35 @@ _RE_GPT4O = (
 )
 
 
+# Code points new in Unicode 16.0. llama.cpp's tables (src/unicode-data.cpp, generated from an
+# older Unicode) leave them unassigned: not \p{L}, \p{N} or \p{P}, so they pre-tokenize like
+# symbols. The Oniguruma engine in `tokenizers` knows Unicode 16, so these are taken out of its
+# classes. Found by classifying every code point with llama-cpp-python 0.3.36 and with
+# Oniguruma, and diffing.
+_NOT_IN_LLAMACPP_TABLES = (
+    (0x01B4E, 0x01B4F), (0x01B7F, 0x01B7F), (0x01C89, 0x01C8A), (0x0A7CB, 0x0A7CD),
+    (0x0A7DA, 0x0A7DC), (0x105C0, 0x105F3), (0x10D40, 0x10D65), (0x10D6E, 0x10D85),
+    (0x10EC2, 0x10EC4), (0x11380, 0x11389), (0x1138B, 0x1138B), (0x1138E, 0x1138E),
+    (0x11390, 0x113B5), (0x113B7, 0x113B7), (0x113D1, 0x113D1), (0x113D3, 0x113D5),
+    (0x113D7, 0x113D8), (0x116D0, 0x116E3), (0x11BC0, 0x11BE1), (0x11BF0, 0x11BF9),
+    (0x13460, 0x143FA), (0x16100, 0x1611D), (0x16130, 0x16139), (0x16D40, 0x16D79),
+    (0x18CFF, 0x18CFF), (0x1CCF0, 0x1CCF9), (0x1E5D0, 0x1E5ED), (0x1E5F0, 0x1E5FA),
+    (0x1E5FF, 0x1E5FF),
+)
+
+
+def _with_llamacpp_classes(regex: str) -> str:
+    r"""Rewrite \p{L}, \p{N}, \p{P} to leave out `_NOT_IN_LLAMACPP_TABLES`.
+
+    `[\p{L}&&[^...]]` is an Oniguruma class intersection; nested inside another class it is a
+    union member, so the rewrite is valid inside and outside brackets.
+    """
+    excluded = "".join(f"\\x{{{a:X}}}-\\x{{{b:X}}}" for a, b in _NOT_IN_LLAMACPP_TABLES)
+    for cat in ("L", "N", "P"):
+        regex = regex.replace(f"\\p{{{cat}}}", f"[\\p{{{cat}}}&&[^{excluded}]]")
+    return regex
+
+
 @dataclass(frozen=True)
 class _PreType:
     regexes: tuple[str, ...]
@@ -325,15 +354,16 @@ class Tokenizer:
                 raise UnsupportedModelError(
                     f"pre-tokenizer type '{pre_name}' ({K_PRE}) is not supported"
                 )
-            merges = _gguf_merges(meta, vocab)
-            core, drop_id = _bpe_core(vocab, merges, pre)
-            default_bos, default_eos, default_add_bos, default_prefix = None, None, pre.add_bos, False
+            core, drop_id = _bpe_core(vocab, _gguf_merges(meta, vocab), pre)
+            # no BOS/EOS unless the metadata names them (llama.cpp's id 11 is not guessed here)
+            default_bos, default_eos, default_add_bos = None, None, pre.add_bos
+            default_prefix = False
         else:
             kind = "spm"
             core, drop_id = _spm_core(vocab, tokens, scores, attrs), None
-            # llama.cpp's defaults for SPM vocabularies: <unk>=0, <s>=1, </s>=2, BOS added,
-            # a space prefix before the text
-            default_bos, default_eos, default_add_bos, default_prefix = 1, 2, True, True
+            # llama.cpp's SPM defaults: <s>=1, </s>=2, BOS added, a space before the text
+            default_bos, default_eos, default_add_bos = 1, 2, True
+            default_prefix = True
 
         bos_id = _gguf_token_id(meta, K_BOS, n, default_bos)
         eos_id = _gguf_token_id(meta, K_EOS, n, default_eos)
@@ -348,11 +378,11 @@ class Tokenizer:
         template = meta.get(K_CHAT_TEMPLATE)
         if template is not None and not isinstance(template, str):
             raise ModelFormatError(f"{K_CHAT_TEMPLATE} is not a string")
-        pieces = _pieces(tokens, attrs, kind)
         return cls(
-            core=core, drop_id=drop_id, kind=kind, tokens=tokens, attrs=attrs, pieces=pieces, bos_id=bos_id,
-            eos_id=eos_id, stop_ids=stop_ids, add_bos=add_bos,
-            add_space_prefix=add_space_prefix, chat_template=template, escape_spaces=kind == "spm",
+            core=core, drop_id=drop_id, kind=kind, tokens=tokens, attrs=attrs,
+            pieces=_pieces(tokens, attrs, kind), bos_id=bos_id, eos_id=eos_id, stop_ids=stop_ids,
+            add_bos=add_bos, add_space_prefix=add_space_prefix, chat_template=template,
+            escape_spaces=kind == "spm",
         )
 
     @classmethod
@@ -439,7 +469,9 @@ class Tokenizer:
 
     # --- encoding ----------------------------------------------------------------------------
 
-    def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = False) -> list[int]:
+    def encode(
+        self, text: str, add_bos: bool | None = None, parse_special: bool = False
+    ) -> list[int]:
         """Text to ids, as llama.cpp's `llama_tokenize(text, add_special, parse_special)`.
 
         Args:
@@ -514,8 +546,7 @@ class Tokenizer:
         return self._piece(token_id, special)
 
     def _piece(self, token_id: int, special: bool) -> bytes:
-        if not 0 <= token_id < self.vocab_size:
-            raise InvalidOptionError(f"token id {token_id} is out of range [0, {self.vocab_size})")
+        self._check_id(token_id)
         if not special and self._attrs[token_id] & (ATTR_CONTROL | ATTR_UNKNOWN):
             return b""
         return self._pieces[token_id]
@@ -534,7 +565,9 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         pieces = [self._piece(i, not skip_special) for i in ids]
         if self._strip_leading_space:  # the added space is in the first text token's piece
-            first = next((k for k, i in enumerate(ids) if pieces[k] and not self.is_control(i)), None)
+            first = next(
+                (k for k, i in enumerate(ids) if pieces[k] and not self.is_control(i)), None
+            )
             if first is not None and pieces[first][:1] == b" ":
                 pieces[first] = pieces[first][1:]
         return b"".join(pieces).decode("utf-8", errors="replace")
@@ -545,13 +578,17 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         """The token's text as stored in the vocabulary (e.g. "Ġthe", "<|im_end|>")."""
-        if not 0 <= token_id < self.vocab_size:
-            raise InvalidOptionError(f"token id {token_id} is out of range [0, {self.vocab_size})")
+        self._check_id(token_id)
         return self._tokens[token_id]
 
     def is_control(self, token_id: int) -> bool:
         """True for control and unknown tokens (those `skip_special` drops)."""
+        self._check_id(token_id)
         return bool(self._attrs[token_id] & (ATTR_CONTROL | ATTR_UNKNOWN))
+
+    def _check_id(self, token_id: int) -> None:
+        if not 0 <= token_id < self.vocab_size:
+            raise InvalidOptionError(f"token id {token_id} is out of range [0, {self.vocab_size})")
 
     def __repr__(self) -> str:
         return (
@@ -618,7 +655,7 @@ def _gguf_merges(meta: Mapping[str, Any], vocab: Mapping[str, int]) -> list[tupl
             raise ModelFormatError(f"{K_MERGES}[{i}] {m!r} is not two tokens separated by a space")
         a, b = m[:pos], m[pos + 1:]
         if a not in vocab or b not in vocab or a + b not in vocab:
-            raise ModelFormatError(f"{K_MERGES}[{i}] {m!r} names a token missing from the vocabulary")
+            raise ModelFormatError(f"{K_MERGES}[{i}] {m!r} names a token not in the vocabulary")
         out.append((a, b))
     return out
 
@@ -668,17 +705,24 @@ def _bpe_core(
             unk += "!"
         vocab = {**vocab, unk: len(vocab)}
     try:
-        bpe = models.BPE(vocab, merges, ignore_merges=pre.ignore_merges, unk_token=unk, fuse_unk=False)
+        bpe = models.BPE(
+            vocab, merges, ignore_merges=pre.ignore_merges, unk_token=unk, fuse_unk=False
+        )
     except Exception as e:  # tokenizers raises plain Exception subclasses
         raise ModelFormatError(f"bad BPE vocabulary: {_one_line(e)}") from None
     core = HFTokenizer(bpe)
-    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
+    splits = [
+        pre_tokenizers.Split(Regex(_with_llamacpp_classes(r)), behavior="isolated")
+        for r in pre.regexes
+    ]
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level])
     return core, (vocab[unk] if unk is not None else None)
 
 
-def _spm_core(vocab: dict[str, int], tokens: list[str], scores: list[float], attrs: list[int]) -> Any:
+def _spm_core(
+    vocab: dict[str, int], tokens: list[str], scores: list[float], attrs: list[int]
+) -> Any:
     """SentencePiece BPE from scores: merges derived from the vocabulary, byte fallback.
 
     llama.cpp's SPM tokenizer repeatedly joins the adjacent pair whose joined text is a token
@@ -710,8 +754,10 @@ def _pieces(tokens: list[str], attrs: list[int], kind: str) -> list[bytes]:
     for t, a in zip(tokens, attrs):
         if a & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED):
             out.append(t.encode())
+        elif a & ATTR_NORMAL and kind == "bpe":
+            out.append(_byte_level_decode(t))
         elif a & ATTR_NORMAL:
-            out.append(_byte_level_decode(t) if kind == "bpe" else t.replace(_SPM_SPACE, " ").encode())
+            out.append(t.replace(_SPM_SPACE, " ").encode())
         elif a & ATTR_BYTE:
             out.append(_byte_token_value(t))
         else:  # unused / undefined tokens render as nothing
@@ -823,7 +869,9 @@ def _metaspace_prepends(pre: Any) -> bool:
     for p in items:
         if isinstance(p, dict) and p.get("type") == "Metaspace":
             scheme = p.get("prepend_scheme")
-            return scheme in ("always", "first") if scheme else bool(p.get("add_prefix_space", True))
+            if scheme:
+                return scheme in ("always", "first")
+            return bool(p.get("add_prefix_space", True))
     return False
 
 

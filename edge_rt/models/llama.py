@@ -116,8 +116,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         # x: fp32 residual stream; normalize in fp32 like llama.cpp, return in the matmul dtype
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x * self.weight).to(out_dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps).to(out_dtype)
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:

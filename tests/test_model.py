@@ -1,0 +1,239 @@
+"""The model against an independent reference, and the loaders against each other.
+
+A tiny random model is written as a Hugging Face folder (safetensors + config.json) and as a GGUF
+converted the way llama.cpp's convert_hf_to_gguf.py does it (Q/K rows permuted for llama). Both
+must load to the same logits, and those logits must match a naive per-position reference
+implementation written from the Hugging Face modeling code's equations.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFWriter
+from safetensors.torch import save_file
+
+from edge_rt.kv.cache import make_caches
+from edge_rt.loading.gguf import open_gguf
+from edge_rt.loading.hf import open_hf_folder
+from edge_rt.loading.weights import build_model
+from edge_rt.models.llama import PRESETS, ModelArgs, preset
+
+CPU = torch.device("cpu")
+
+
+def random_hf_state(args: ModelArgs, seed=0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    d, f = args.hidden_size, args.intermediate_size
+    sd = {"model.embed_tokens.weight": r(args.vocab_size, d), "model.norm.weight": 1 + r(d)}
+    for i in range(args.num_hidden_layers):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = 1 + r(d)
+        sd[p + "post_attention_layernorm.weight"] = 1 + r(d)
+        sd[p + "self_attn.q_proj.weight"] = r(args.q_dim, d)
+        sd[p + "self_attn.k_proj.weight"] = r(args.kv_dim, d)
+        sd[p + "self_attn.v_proj.weight"] = r(args.kv_dim, d)
+        sd[p + "self_attn.o_proj.weight"] = r(d, args.q_dim)
+        if args.attention_bias:
+            sd[p + "self_attn.q_proj.bias"] = r(args.q_dim)
+            sd[p + "self_attn.k_proj.bias"] = r(args.kv_dim)
+            sd[p + "self_attn.v_proj.bias"] = r(args.kv_dim)
+        sd[p + "mlp.gate_proj.weight"] = r(f, d)
+        sd[p + "mlp.up_proj.weight"] = r(f, d)
+        sd[p + "mlp.down_proj.weight"] = r(d, f)
+    if not args.tie_word_embeddings:
+        sd["lm_head.weight"] = r(args.vocab_size, d)
+    return sd
+
+
+def reference_logits(args: ModelArgs, sd: dict, tokens: list[int]) -> torch.Tensor:
+    """Naive fp64 forward, one head and one position at a time (HF LlamaModel equations)."""
+    sd = {k: v.double() for k, v in sd.items()}
+    hd, H, Hkv = args.head_dim, args.num_attention_heads, args.num_key_value_heads
+
+    def rms(x, w):
+        return x / torch.sqrt((x * x).mean() + args.rms_norm_eps) * w
+
+    def rope(v, pos):  # HF rotate_half convention on one head vector [hd]
+        out = torch.empty_like(v)
+        for i in range(hd // 2):
+            theta = pos / (args.rope_theta ** (2 * i / hd))
+            a, b = v[i], v[i + hd // 2]
+            out[i] = a * math.cos(theta) - b * math.sin(theta)
+            out[i + hd // 2] = b * math.cos(theta) + a * math.sin(theta)
+        return out
+
+    def lin(name, x):
+        y = sd[name + ".weight"] @ x
+        return y + sd[name + ".bias"] if name + ".bias" in sd else y
+
+    xs = [sd["model.embed_tokens.weight"][t] for t in tokens]
+    for i in range(args.num_hidden_layers):
+        p = f"model.layers.{i}."
+        ks, vs, new = [], [], []
+        for pos, x in enumerate(xs):
+            h = rms(x, sd[p + "input_layernorm.weight"])
+            q = lin(p + "self_attn.q_proj", h).view(H, hd)
+            k = lin(p + "self_attn.k_proj", h).view(Hkv, hd)
+            v = lin(p + "self_attn.v_proj", h).view(Hkv, hd)
+            ks.append(torch.stack([rope(k[j], pos) for j in range(Hkv)]))
+            vs.append(v)
+            heads = []
+            for j in range(H):
+                kvh = j // (H // Hkv)
+                qj = rope(q[j], pos)
+                scores = torch.stack([qj @ ks[t][kvh] for t in range(pos + 1)]) / math.sqrt(hd)
+                w = torch.softmax(scores, 0)
+                heads.append(sum(w[t] * vs[t][kvh] for t in range(pos + 1)))
+            x = x + sd[p + "self_attn.o_proj.weight"] @ torch.cat(heads)
+            h = rms(x, sd[p + "post_attention_layernorm.weight"])
+            g = lin(p + "mlp.gate_proj", h)
+            x = x + lin(p + "mlp.down_proj", torch.nn.functional.silu(g) * lin(p + "mlp.up_proj", h))
+            new.append(x)
+        xs = new
+    head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+    return torch.stack([head @ rms(x, sd["model.norm.weight"]) for x in xs]).float()
+
+
+def write_hf_folder(path, args: ModelArgs, sd):
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {k: v for k, v in args.to_dict().items() if k != "extra" and v is not None}
+    (path / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"))
+
+
+def permute_for_gguf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """What convert_hf_to_gguf.py does to llama Q/K rows (interleaved rope layout)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+HF_TO_GGUF = {
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight", "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def write_gguf(path, args: ModelArgs, sd, qtype=QT.F32):
+    from gguf import quants as gq
+
+    arch = args.model_type
+    w = GGUFWriter(str(path), arch)
+    w.add_block_count(args.num_hidden_layers)
+    w.add_context_length(args.max_position_embeddings)
+    w.add_embedding_length(args.hidden_size)
+    w.add_feed_forward_length(args.intermediate_size)
+    w.add_head_count(args.num_attention_heads)
+    w.add_head_count_kv(args.num_key_value_heads)
+    w.add_layer_norm_rms_eps(args.rms_norm_eps)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_vocab_size(args.vocab_size)
+    for name, t in sd.items():
+        gname = name
+        for hf, gg in HF_TO_GGUF.items():
+            if name.startswith("model.layers."):
+                i = name.split(".")[2]
+                rest = name.split(".", 3)[3]
+                if rest.startswith(hf):
+                    gname = f"blk.{i}." + gg + rest[len(hf):]
+                    break
+            elif name == hf:
+                gname = gg
+                break
+        if arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
+            t = permute_for_gguf(t, args.num_attention_heads if ".attn_q." in gname else args.num_key_value_heads)
+        arr = t.float().numpy()
+        if qtype != QT.F32 and arr.ndim == 2 and "token_embd" not in gname:
+            w.add_tensor(gname, gq.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def run_logits(model, tokens, chunks=None):
+    a = model.args
+    caches = make_caches(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, 64, torch.float32, CPU)
+    chunks = chunks or [len(tokens)]
+    out, pos = [], 0
+    with torch.inference_mode():
+        for n in chunks:
+            out.append(model(torch.tensor([tokens[pos : pos + n]]), caches, pos)[0])
+            pos += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen2"])
+def test_model_matches_naive_reference_and_loaders_agree(tmp_path, name):
+    args = preset(name)
+    sd = random_hf_state(args, seed=1)
+    tokens = [5, 17, 300, 2, 77, 77, 1, 511, 42, 9]
+    ref = reference_logits(args, sd, tokens)
+
+    write_hf_folder(tmp_path / "hf", args, sd)
+    hf = open_hf_folder(tmp_path / "hf")
+    m_hf = build_model(hf.args, hf.tensors, torch.float32, CPU, 64)
+    hf_logits = run_logits(m_hf, tokens)
+    assert torch.allclose(hf_logits, ref, atol=2e-4, rtol=0), (hf_logits - ref).abs().max()
+
+    write_gguf(tmp_path / "m.gguf", args, sd)
+    gg = open_gguf(tmp_path / "m.gguf")
+    assert gg.args.num_key_value_heads == args.num_key_value_heads
+    m_gg = build_model(gg.args, gg.tensors, torch.float32, CPU, 64)
+    # GGUF (permuted Q/K for llama, un-permuted at load) gives the same numbers as the HF folder
+    assert torch.equal(run_logits(m_gg, tokens), hf_logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_chunks_equal_uncached(tmp_path, dtype):
+    args = preset("tiny")
+    sd = random_hf_state(args, seed=2)
+    write_gguf(tmp_path / "m.gguf", args, sd, qtype=QT.Q4_1)
+    gg = open_gguf(tmp_path / "m.gguf")
+    model = build_model(gg.args, gg.tensors, dtype, CPU, 64)
+    tokens = list(range(3, 40))
+    full = run_logits(model, tokens)
+    inc = run_logits(model, tokens, chunks=[20] + [1] * 5 + [4, 8])
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(full, inc, atol=tol * full.abs().max(), rtol=0)
+    assert torch.equal(full.argmax(-1), inc.argmax(-1))
+
+
+def test_quantized_gguf_close_to_dense_reference(tmp_path):
+    """Q4_1 weights kept packed (Int4Linear, bf16) vs the same weights dequantized to fp32."""
+    args = preset("tiny")
+    sd = random_hf_state(args, seed=3)
+    write_gguf(tmp_path / "q.gguf", args, sd, qtype=QT.Q4_1)
+    gg = open_gguf(tmp_path / "q.gguf")
+    packed = build_model(gg.args, gg.tensors, torch.bfloat16, CPU, 64, quantized=True)
+    dense = build_model(gg.args, gg.tensors, torch.float32, CPU, 64, quantized=False)
+    assert type(packed.layers[0].attn.wqkv).__name__ == "Int4Linear"
+    tokens = list(range(10, 30))
+    a, b = run_logits(packed, tokens), run_logits(dense, tokens)
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+def test_estimate_matches_loaded_bytes(smollm2_path):
+    from edge_rt.api import open_model
+    from edge_rt.memory.estimate import weight_bytes
+
+    src = open_model(smollm2_path)
+    model = build_model(src.args, src.tensors, torch.bfloat16, CPU, 256)
+    seen, loaded = set(), 0
+    for t in list(model.parameters()) + [b for n, b in model.named_buffers() if n != "rope"]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            loaded += t.numel() * t.element_size()
+    est = weight_bytes(src.tensors, src.args, torch.bfloat16)
+    assert abs(est - loaded) <= 0.01 * loaded, (est, loaded)
+    assert src.args.num_parameters() == pytest.approx(134.5e6, rel=0.01)

@@ -1,0 +1,84 @@
+"""Codecs: edge-rt's decoders against gguf.quants (llama.cpp's reference), bit for bit."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import quants as gq
+
+from edge_rt.loading import quants
+from edge_rt.models.linear import Int4Linear, dequantize_int4
+
+
+def _quantized(qtype, shape=(48, 256), seed=0):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal(shape) * rng.uniform(0.01, 2.0, size=(shape[0], 1))).astype(np.float32)
+    if qtype == QT.F32:
+        return w.view(np.uint8).reshape(shape[0], -1)
+    if qtype == QT.F16:
+        return w.astype(np.float16).view(np.uint8).reshape(shape[0], -1)
+    return gq.quantize(w, qtype)
+
+
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1])
+def test_decoders_bit_exact_against_gguf_quants(qtype):
+    shape = (48, 256)
+    raw = _quantized(qtype, shape)
+    ref = gq.dequantize(raw, qtype).reshape(shape) if qtype not in (QT.F32, QT.F16) else (
+        raw.view(np.float32 if qtype == QT.F32 else np.float16).astype(np.float32).reshape(shape))
+    ours = quants.dequantize(raw, qtype, shape).numpy()
+    assert ours.dtype == np.float32
+    assert np.array_equal(ours.view(np.uint32), ref.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K])
+def test_k_quants_decode_through_reference(qtype):
+    shape = (4, 512)
+    rng = np.random.default_rng(1)
+    # random K-quant blocks: any byte pattern is a valid block apart from NaN/inf scales
+    block_bytes = gq.GGML_QUANT_SIZES[qtype][1]
+    raw = rng.integers(0, 256, size=(shape[0], shape[1] // 256 * block_bytes), dtype=np.uint8)
+    ref = gq.dequantize(raw, qtype).reshape(shape)
+    ours = quants.dequantize(raw, qtype, shape).numpy()
+    assert np.array_equal(ours, ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1])
+def test_int4_split_reconstructs_exactly(qtype):
+    shape = (32, 128)
+    raw = _quantized(qtype, shape, seed=2)
+    q, scale, zero = quants.split_int4(raw, qtype, shape)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15
+    ref = torch.from_numpy(gq.dequantize(raw, qtype).reshape(shape))
+    # (q - 8) * d + (m + 8d) == d*q + m only up to fp32 rounding; the codes and scales are exact
+    assert torch.allclose(dequantize_int4(q, scale, zero, 32), ref, rtol=0, atol=1e-5 * ref.abs().max())
+
+
+def test_int8_as_two_int4_halves_is_exact():
+    shape = (16, 64)
+    raw = _quantized(QT.Q8_0, shape, seed=3)
+    q8, d = quants.split_q8_0(raw, shape)
+    codes, scale, zero = quants.int8_as_int4(q8, d)
+    assert codes.shape == (16, 128) and int(codes.max()) <= 15
+    w2 = dequantize_int4(codes, scale, zero, 32)  # [N, 2K]: the input is repeated twice
+    recon = w2[:, :64] + w2[:, 64:]
+    ref = torch.from_numpy(gq.dequantize(raw, QT.Q8_0).reshape(shape))
+    assert torch.equal(recon, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n_out", [64, 40])  # 40: not a multiple of 16, padded inside
+def test_int4_linear_matches_dequantized_matmul(dtype, n_out):
+    torch.manual_seed(0)
+    K = 96
+    q = torch.randint(0, 16, (n_out, K), dtype=torch.uint8)
+    scale = torch.rand(n_out, K // 32) * 0.05
+    zero = torch.randn(n_out, K // 32) * 0.05
+    lin = Int4Linear(q, scale, zero, 32, None, dtype, torch.device("cpu"))
+    x = torch.randn(3, 5, K).to(dtype)
+    w = dequantize_int4(q, scale.to(dtype).float(), zero.to(dtype).float(), 32)
+    ref = x.float() @ w.t()
+    out = lin(x)
+    assert out.shape == (3, 5, n_out) and out.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(out.float(), ref, atol=tol * ref.abs().max(), rtol=0)
