@@ -62,15 +62,50 @@ def open_model(path: str | os.PathLike | None) -> ModelSource:
         from edge_rt.loading.hf import open_hf_folder
 
         f = open_hf_folder(p)
-        return ModelSource(p, "hf", f.args, f.tensors, f.file_types, f.config)
+        return _checked(ModelSource(p, "hf", f.args, f.tensors, f.file_types, f.config))
     with open(p, "rb") as fh:
         magic = fh.read(4)
     if magic == b"GGUF":
         from edge_rt.loading.gguf import open_gguf
 
         f = open_gguf(p)
-        return ModelSource(p, "gguf", f.args, f.tensors, f.file_types, f.metadata)
+        return _checked(ModelSource(p, "gguf", f.args, f.tensors, f.file_types, f.metadata))
     raise ModelFormatError(f"{p}: not a model (expected a GGUF file or a Hugging Face folder)")
+
+
+def _checked(src: ModelSource) -> ModelSource:
+    """Refuse hyper-parameters that disagree with the tensors of the file.
+
+    The model is built from the config before any tensor is assigned, so a corrupt value would
+    otherwise reach construction: billions of layers (a hang) or sizes that overflow.
+    """
+    a = src.args
+    blocks = {int(t.split(".")[1]) for t in src.tensors if t.startswith("layers.")}
+    if len(blocks) != a.num_hidden_layers or max(blocks, default=-1) + 1 != a.num_hidden_layers:
+        raise ModelFormatError(f"{src.path}: the config says {a.num_hidden_layers} layers, "
+                               f"the file has tensors for {len(blocks)}")
+    want = {"embed.weight": (a.vocab_size, a.hidden_size), "layers.0.attn.wo.weight": (a.hidden_size, a.q_dim),
+            "layers.0.ffn.w2.weight": (a.hidden_size, a.intermediate_size)}
+    for target, shape in want.items():
+        got = tuple(src.tensors[target][0][1].shape) if target in src.tensors else shape
+        if got != shape:
+            raise ModelFormatError(f"{src.path}: tensor for {target} has shape {got}, the config implies {shape}")
+    for target, parts in src.tensors.items():  # the pieces of a fused weight are stacked on dim 0
+        widths = sorted({tuple(s.shape[1:]) for _, s in parts})
+        if len(widths) > 1:
+            raise ModelFormatError(f"{src.path}: the parts of {target} differ in shape past dim 0: {widths}")
+        empty = [s for _, s in parts if 0 in s.shape]
+        if empty:
+            raise ModelFormatError(f"{src.path}: tensor {empty[0].name} has an empty dimension: shape {empty[0].shape}")
+        if target.endswith(".bias"):  # 1-D, one value per weight row, part by part
+            weight = src.tensors.get(target.removesuffix(".bias") + ".weight", [])
+            rows = sorted((k, tuple(s.shape[:1])) for k, s in weight)
+            if sorted((k, tuple(s.shape)) for k, s in parts) != rows:
+                raise ModelFormatError(f"{src.path}: the shapes of {target} do not match the rows of its weight")
+    tokens = src.metadata.get("tokenizer.ggml.tokens") if src.format == "gguf" else None
+    if isinstance(tokens, list) and len(tokens) > a.vocab_size:
+        raise ModelFormatError(f"{src.path}: {len(tokens)} tokens but the embedding has {a.vocab_size} rows")
+    return src
 
 
 def _tokenizer_for(src: ModelSource):

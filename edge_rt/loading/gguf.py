@@ -7,13 +7,16 @@ decoded until the loader asks for it.
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 
@@ -102,11 +105,140 @@ class GGUFModelFile:
         return self.args.model_type
 
 
+GGML_MAX_DIMS = 4  # ggml.h
+GGUF_DEFAULT_ALIGNMENT = 32  # gguf.h; general.alignment overrides it
+# GGUF value type id -> bytes of one value, for the fixed-size types; 8 is STRING, 9 ARRAY
+# (ggml's docs/gguf.md, gguf-py GGUFValueType).
+GGUF_VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+GGUF_STRING, GGUF_ARRAY, GGUF_UINT32 = 8, 9, 4
+
+
+class _HeaderCursor:
+    """Reads the GGUF header; never past the end of the file."""
+
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
+    def skip(self, n: int, what: str) -> int:
+        if n > self.left():
+            raise ModelFormatError(f"{self.path}: corrupt or truncated GGUF: {what} at byte {self.pos} "
+                                   f"needs {n} bytes, the file has {self.left()} left")
+        start, self.pos = self.pos, self.pos + n
+        return start
+
+    def u32(self, what: str) -> int:
+        return struct.unpack_from("<I", self.buf, self.skip(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return struct.unpack_from("<Q", self.buf, self.skip(8, what))[0]
+
+    def string(self, what: str) -> bytes:
+        n = self.u64(f"length of {what}")
+        start = self.skip(n, what)
+        return bytes(self.buf[start : start + n])
+
+    def count(self, what: str, min_item_bytes: int) -> int:
+        n = self.u64(what)
+        if n * min_item_bytes > self.left():
+            raise ModelFormatError(f"{self.path}: corrupt or truncated GGUF: {what} is {n}, more than the "
+                                   f"{self.left()} bytes left in the file can hold")
+        return n
+
+
+def _label(raw: bytes) -> str:
+    """A key or tensor name from the file, fit for a one-line message."""
+    s = raw[:100].decode("utf-8", "replace")
+    return s if s.isprintable() else repr(s)
+
+
+def _check_value(cur: _HeaderCursor, vtype: int, key: str) -> int | None:
+    """Skip one metadata value; returns it when it is a UINT32 (for general.alignment)."""
+    if vtype == GGUF_UINT32:
+        return cur.u32(f"value of {key}")
+    if vtype in GGUF_VALUE_SIZES:
+        cur.skip(GGUF_VALUE_SIZES[vtype], f"value of {key}")
+    elif vtype == GGUF_STRING:
+        cur.string(f"value of {key}")
+    elif vtype == GGUF_ARRAY:
+        itype = cur.u32(f"item type of {key}")
+        if itype in GGUF_VALUE_SIZES:
+            n = cur.count(f"length of array {key}", GGUF_VALUE_SIZES[itype])
+            cur.skip(n * GGUF_VALUE_SIZES[itype], f"items of {key}")
+        elif itype == GGUF_STRING:
+            for _ in range(cur.count(f"length of array {key}", 8)):
+                cur.string(f"item of {key}")
+        elif itype == GGUF_ARRAY:  # llama.cpp's gguf.cpp refuses them too
+            raise UnsupportedModelError(f"{cur.path}: metadata {key} is an array of arrays (not supported)")
+        else:
+            raise ModelFormatError(f"{cur.path}: corrupt GGUF: metadata {key} has item type {itype}")
+    else:
+        raise ModelFormatError(f"{cur.path}: corrupt GGUF: metadata {key} has value type {vtype}")
+    return None
+
+
+def _check_layout(buf, path: Path) -> None:
+    """Walk the header (docs/gguf.md) and check every length, count, type and tensor extent.
+
+    gguf.GGUFReader trusts the counts it reads: a corrupt array length makes it loop over (and
+    keep a numpy view of) every remaining item of the file, gigabytes for a real model. This
+    walk reads no more than the file has and keeps nothing, so GGUFReader only ever sees a
+    header whose counts fit the file.
+    """
+    cur = _HeaderCursor(buf, path)
+    cur.skip(4, "magic")
+    version = cur.u32("version")
+    if version & 0xFFFF == 0:
+        raise UnsupportedModelError(f"{path}: big-endian GGUF files are not supported")
+    if version not in (2, 3):
+        raise UnsupportedModelError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+    n_tensors = cur.count("tensor count", 24)  # name length, n_dims, type, offset
+    n_kv = cur.count("metadata count", 13)  # key length, type, one byte of value
+    alignment = GGUF_DEFAULT_ALIGNMENT
+    for _ in range(n_kv):
+        key = _label(cur.string("metadata key"))
+        value = _check_value(cur, cur.u32(f"type of {key}"), key)
+        if key == "general.alignment" and value is not None:
+            alignment = value
+    if alignment == 0 or alignment & (alignment - 1):
+        raise ModelFormatError(f"{path}: corrupt GGUF: general.alignment {alignment} is not a power of two")
+    extents = []
+    for _ in range(n_tensors):
+        name = _label(cur.string("tensor name"))
+        n_dims = cur.u32(f"dimension count of tensor {name}")
+        if n_dims > GGML_MAX_DIMS:
+            raise ModelFormatError(f"{path}: corrupt GGUF: tensor {name} has {n_dims} dimensions (at most 4)")
+        dims = [cur.u64(f"dimensions of tensor {name}") for _ in range(n_dims)]
+        type_id = cur.u32(f"type of tensor {name}")
+        offset = cur.u64(f"data offset of tensor {name}")
+        try:
+            qtype = QT(type_id)
+        except ValueError:
+            raise UnsupportedModelError(
+                f"tensor {name}: ggml type {type_id} is unknown (a newer GGUF than edge-rt reads, or a corrupt file)"
+            ) from None
+        quants.check_supported(name, qtype)
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        if dims and dims[0] % block:
+            raise ModelFormatError(f"tensor {name}: row length {dims[0]} is not a multiple of the "
+                                   f"{qtype.name} block size {block}")
+        extents.append((name, offset, int(np.prod(dims, dtype=object)) // block * type_size))
+    data_start = -(-cur.pos // alignment) * alignment
+    for name, offset, nbytes in extents:
+        end = data_start + offset + nbytes
+        if end > len(buf):
+            raise ModelFormatError(f"{path}: truncated GGUF: tensor {name} ends at byte {end}, file has {len(buf)}")
+
+
 def _reader(path: Path) -> GGUFReader:
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelFormatError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+        if magic != GGUF_MAGIC:
+            raise ModelFormatError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            _check_layout(buf, path)
     try:
         reader = GGUFReader(path, "r")
     except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError,
@@ -205,6 +337,8 @@ def open_gguf(path: str | os.PathLike) -> GGUFModelFile:
         src = SourceTensor(name=t.name, shape=shape, qtype=qtype, raw=t.data)
         if permute and (".attn_q." in t.name or ".attn_k." in t.name):
             heads = args.num_attention_heads if ".attn_q." in t.name else args.num_key_value_heads
+            if shape[0] % (2 * heads):  # weights and biases alike
+                raise ModelFormatError(f"tensor {t.name}: shape {shape} does not split into {heads} heads")
             src.row_perm = _rope_unpermute(shape[0], heads)
         tensors.setdefault(target, []).append((part, src))
     args.tie_word_embeddings = "lm_head.weight" not in tensors
