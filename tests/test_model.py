@@ -172,9 +172,9 @@ def run_logits(model, tokens, chunks=None):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-qwen2"])
-def test_model_matches_naive_reference_and_loaders_agree(tmp_path, name):
-    args = preset(name)
+@pytest.mark.parametrize("name,overrides", [("tiny", {}), ("tiny-qwen2", {}), ("tiny", {"attention_bias": True})])
+def test_model_matches_naive_reference_and_loaders_agree(tmp_path, name, overrides):
+    args = preset(name, **overrides)
     sd = random_hf_state(args, seed=1)
     tokens = [5, 17, 300, 2, 77, 77, 1, 511, 42, 9]
     ref = reference_logits(args, sd, tokens)
@@ -237,3 +237,20 @@ def test_estimate_matches_loaded_bytes(smollm2_path):
     est = weight_bytes(src.tensors, src.args, torch.bfloat16)
     assert abs(est - loaded) <= 0.01 * loaded, (est, loaded)
     assert src.args.num_parameters() == pytest.approx(134.5e6, rel=0.01)
+
+
+def test_gguf_rope_freqs_tensor_scales_frequencies(tmp_path):
+    """Llama 3.1-style rope_freqs divisors: all 2.0 must equal linear rope scaling by 2."""
+    from edge_rt.models.llama import rope_table
+
+    args = preset("tiny")
+    sd = random_hf_state(args, seed=4)
+    sd["rope_freqs.weight"] = torch.full((args.head_dim // 2,), 2.0)
+    write_gguf(tmp_path / "r.gguf", args, sd)
+    gg = open_gguf(tmp_path / "r.gguf")
+    assert gg.args.rope_scaling["rope_type"] == "freq_factors"
+    linear = preset("tiny", rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert torch.equal(rope_table(gg.args, 32), rope_table(linear, 32))
+    assert not torch.equal(rope_table(gg.args, 32), rope_table(args, 32))
+    model = build_model(gg.args, gg.tensors, torch.float32, CPU, 64)
+    assert torch.isfinite(run_logits(model, [1, 2, 3])).all()

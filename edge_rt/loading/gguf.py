@@ -48,6 +48,8 @@ REQUIRED_ARGS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_a
 # rotary embedding (convert_hf_to_gguf.py LlamaModel.permute). We undo it at load so the model
 # always uses the Hugging Face (half-split) rotary layout. qwen2 uses NEOX rope: not permuted.
 ROPE_PERMUTED_ARCHS = {"llama", "mistral"}
+# Llama 3.1-style GGUFs carry their rope scaling as per-frequency divisors in this tensor.
+ROPE_FREQS = "rope_freqs.weight"
 
 
 @dataclass
@@ -332,6 +334,12 @@ def open_gguf(path: str | os.PathLike) -> GGUFModelFile:
             raise ModelFormatError(f"tensor {t.name}: row length {shape[1]} is not a multiple of the block size")
         target, part = map_name(GGUF_NAMES, t.name)
         file_types[qtype.name] = file_types.get(qtype.name, 0) + 1
+        if t.name == ROPE_FREQS:
+            factors = quants.dequantize(t.data, qtype, shape)
+            if factors.shape != (args.head_dim // 2,) or not bool((factors > 0).all()):
+                raise ModelFormatError(f"tensor {t.name}: expected {args.head_dim // 2} positive factors")
+            args.rope_scaling = {"rope_type": "freq_factors", "factors": factors.tolist()}
+            continue
         if target is None:
             continue
         src = SourceTensor(name=t.name, shape=shape, qtype=qtype, raw=t.data)
@@ -342,4 +350,6 @@ def open_gguf(path: str | os.PathLike) -> GGUFModelFile:
             src.row_perm = _rope_unpermute(shape[0], heads)
         tensors.setdefault(target, []).append((part, src))
     args.tie_word_embeddings = "lm_head.weight" not in tensors
+    # some llama-architecture conversions carry q/k/v biases; the file's tensors say so
+    args.attention_bias = args.attention_bias or any(t.endswith("attn.wqkv.bias") for t in tensors)
     return GGUFModelFile(path=path, metadata=meta, args=args, tensors=tensors, file_types=file_types)

@@ -104,6 +104,9 @@ def build_model(args: ModelArgs, tensors: dict, dtype: torch.dtype, device: torc
             keep_fp32 = "norm" in module_name
             owner = model.get_submodule(module_name)
             setattr(owner, kind, nn.Parameter(w.to(device, torch.float32 if keep_fp32 else dtype), requires_grad=False))
+    unused = sorted(set(tensors) - set(targets))
+    if unused:
+        raise ModelFormatError(f"model file has tensors the {args.model_type} model does not use: {', '.join(unused[:3])}")
     if "lm_head.weight" not in tensors:  # tied to the embedding
         if isinstance(model.embed, nn.Embedding):
             head = nn.Linear(args.hidden_size, args.vocab_size, bias=False, device="meta")

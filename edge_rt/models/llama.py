@@ -136,6 +136,8 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
         inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
     elif kind == "linear":
         inv = inv / scaling["factor"]
+    elif kind == "freq_factors":  # GGUF rope_freqs: one divisor per frequency (llama.cpp rope_ext)
+        inv = inv / torch.tensor(scaling["factors"], dtype=torch.float64)
     elif kind not in (None, "default"):
         raise ValueError(f"unsupported rope scaling {kind!r}")
     return inv
