@@ -17,13 +17,12 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: Transformer, device: torch.device, n_ctx: int,
-                 kv_dtype: torch.dtype = torch.float32, threads: int | None = None):
+                 kv_dtype: torch.dtype = torch.float32):
         args = model.args
         self.model = model
         self.device = device
         self.n_ctx = n_ctx
         self.vocab_size = args.vocab_size
-        self.threads = threads
         self.caches = make_caches(args.num_hidden_layers, args.num_key_value_heads, args.head_dim,
                                   n_ctx, kv_dtype, device)
 
@@ -33,8 +32,6 @@ class TorchBackend:
 
     @torch.inference_mode()
     def forward(self, tokens: Sequence[int], all_logits: bool = False) -> torch.Tensor:
-        if self.threads:
-            torch.set_num_threads(self.threads)
         ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.device)
         if ids.numel() == 0:
             raise ValueError("forward() needs at least one token")

@@ -140,10 +140,12 @@ def load(model: str | os.PathLike | None = None, device: str = "auto", *, dtype:
         raise InvalidOptionError(f"threads must be an integer >= 1, got {threads}")
     src = open_model(model)
     args = src.args
+    # sliding-window attention (Mistral) is not implemented: stay within the window
+    max_ctx = min(args.max_position_embeddings, args.sliding_window or args.max_position_embeddings)
     if n_ctx is None:
-        n_ctx = min(args.max_position_embeddings, DEFAULT_N_CTX)
-    if not isinstance(n_ctx, int) or not 16 <= n_ctx <= args.max_position_embeddings:
-        raise InvalidOptionError(f"n_ctx must be in [16, {args.max_position_embeddings}], got {n_ctx}")
+        n_ctx = min(max_ctx, DEFAULT_N_CTX)
+    if not isinstance(n_ctx, int) or not 16 <= n_ctx <= max_ctx:
+        raise InvalidOptionError(f"n_ctx must be in [16, {max_ctx}], got {n_ctx}")
     tokenizer = _tokenizer_for(src)
     if threads:
         torch.set_num_threads(threads)
@@ -156,21 +158,22 @@ def load(model: str | os.PathLike | None = None, device: str = "auto", *, dtype:
     # Attention and the KV cache run in fp32 on CPU (faster there than bf16 for these small
     # matrices, and closer to llama.cpp); in the compute dtype on accelerators.
     kv_dtype = torch.float32 if dev.kind == "cpu" else compute
-    backend = TorchBackend(net, dev.torch_device, n_ctx, kv_dtype=kv_dtype, threads=threads)
-    return LLM(src, tokenizer, backend, dev, compute, time.perf_counter() - t0)
+    backend = TorchBackend(net, dev.torch_device, n_ctx, kv_dtype=kv_dtype)
+    return LLM(src, tokenizer, backend, dev, compute, quantized, time.perf_counter() - t0)
 
 
 class LLM:
     """A loaded model with its tokenizer, backend and KV cache. See the module docstring."""
 
     def __init__(self, source: ModelSource, tokenizer, backend, device: Device, dtype: torch.dtype,
-                 load_s: float = 0.0):
+                 quantized: bool = True, load_s: float = 0.0):
         self.source = source
         self.args = source.args
         self.tokenizer = tokenizer
         self.backend = backend
         self.device = device
         self.dtype = dtype
+        self.quantized = quantized
         self.load_s = load_s
         self.engine = Engine(backend, tokenizer)
 
@@ -202,15 +205,23 @@ class LLM:
 
     def _prompt_ids(self, prompt: str | Sequence[int], chat: bool) -> list[int]:
         if not isinstance(prompt, str):
-            ids = [int(i) for i in prompt]
-            bad = [i for i in ids if not 0 <= i < self.tokenizer.vocab_size]
-            if bad:
-                raise InvalidOptionError(f"token id {bad[0]} is outside the vocabulary (size {self.tokenizer.vocab_size})")
-            return ids
+            if chat:
+                raise InvalidOptionError("chat=True needs a text prompt, not token ids")
+            return self._check_ids(prompt)
         if chat:
             return self.tokenizer.encode(self.apply_chat_template([{"role": "user", "content": prompt}]),
                                          parse_special=True)
         return self.tokenizer.encode(prompt)
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        ids = list(ids)
+        V = self.tokenizer.vocab_size
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, (int, torch.Tensor)) or int(i) != i:
+                raise InvalidOptionError(f"token id {i!r} is not an integer")
+            if not 0 <= int(i) < V:
+                raise InvalidOptionError(f"token id {int(i)} is outside the vocabulary (size {V})")
+        return [int(i) for i in ids]
 
     @staticmethod
     def _config(max_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
@@ -283,7 +294,9 @@ class LLM:
 
     def perplexity(self, text: str | Sequence[int], window: int | None = None) -> float:
         """Perplexity of text, scored in non-overlapping windows of `window` tokens (default n_ctx)."""
-        ids = self.tokenizer.encode(text) if isinstance(text, str) else list(text)
+        ids = self.tokenizer.encode(text) if isinstance(text, str) else self._check_ids(text)
+        if window is not None and (not isinstance(window, int) or window < 2):
+            raise InvalidOptionError(f"window must be an integer >= 2, got {window!r}")
         window = min(window or self.n_ctx, self.n_ctx)
         if len(ids) < 2:
             raise InvalidOptionError("perplexity needs at least 2 tokens")
@@ -301,46 +314,49 @@ class LLM:
     def info(self) -> dict:
         from edge_rt.memory.estimate import describe_model
 
-        return describe_model(self.source, dtype=self.dtype, n_ctx=self.n_ctx) | {"device": self.device.to_dict()}
+        kv_dtype = self.backend.caches[0].dtype
+        info = describe_model(self.source, dtype=self.dtype, n_ctx=self.n_ctx, kv_dtype=kv_dtype,
+                              quantized=self.quantized)
+        return info | {"device": self.device.to_dict(), "load_s": self.load_s}
 
 
 class ChatSession:
     """Multi-turn chat. Each turn sends the whole history; the engine reuses the cached prefix.
 
-    Context policy: when history plus the new turn would not leave room for a reply
-    (min_reply tokens), the oldest non-system turns are dropped, a user/assistant pair at a time.
-    If the newest user turn alone does not fit, ContextOverflowError is raised.
+    Context policy: the history plus the new turn must leave room for a reply of
+    min(max_tokens, n_ctx // 2) tokens; when it does not, the oldest non-system turns are dropped,
+    a user/assistant pair at a time. If the newest user turn alone does not fit,
+    ContextOverflowError is raised and the history is left as it was.
     """
-
-    min_reply = 64
 
     def __init__(self, llm: LLM, system: str | None = None):
         self.llm = llm
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
 
-    def _fit(self) -> list[int]:
+    def _fit(self, messages: list[dict], reserve: int) -> tuple[list[dict], list[int]]:
+        """The messages (oldest turns dropped as needed) and their ids, leaving `reserve` positions."""
+        messages = list(messages)
+        first = 1 if messages and messages[0]["role"] == "system" else 0
         while True:
-            ids = self.llm.tokenizer.encode(self.llm.apply_chat_template(self.messages), parse_special=True)
-            if len(ids) + self.min_reply <= self.llm.n_ctx:
-                return ids
-            first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
-            if len(self.messages) - first <= 1:
+            ids = self.llm.tokenizer.encode(self.llm.apply_chat_template(messages), parse_special=True)
+            if len(ids) + reserve <= self.llm.n_ctx:
+                return messages, ids
+            if len(messages) - first <= 1:
                 raise ContextOverflowError(
-                    f"the message has {len(ids)} tokens; with room for a reply the context holds {self.llm.n_ctx}"
+                    f"the message has {len(ids)} tokens; with room for a {reserve}-token reply the "
+                    f"context holds {self.llm.n_ctx}"
                 )
-            del self.messages[first : first + 2]
+            del messages[first : first + 2]
 
     def stream(self, user: str, **options):
-        """Yield text pieces of the reply; the reply is added to the history when it ends."""
-        self.messages.append({"role": "user", "content": user})
-        try:
-            ids = self._fit()
-        except ContextOverflowError:
-            self.messages.pop()
-            raise
+        """Yield text pieces of the reply; the turn is added to the history when it ends."""
+        config = self.llm._config(**options)  # bad options fail before the history changes
+        reserve = min(config.max_tokens, self.llm.n_ctx // 2)
+        messages, ids = self._fit(self.messages + [{"role": "user", "content": user}], reserve)
+        self.messages = messages
         reply = []
         try:
-            for piece in self.llm.engine.generate(ids, self.llm._config(**options)):
+            for piece in self.llm.engine.generate(ids, config):
                 reply.append(piece.text)
                 if piece.text:
                     yield piece.text

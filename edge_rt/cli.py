@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from edge_rt.errors import EdgeRTError
+from edge_rt.errors import EdgeRTError, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="edge-rt: run language models on this device.")
@@ -38,7 +38,7 @@ def _guard(fn):
         try:
             return fn(*args, **kwargs)
         except EdgeRTError as e:
-            _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            _fail(one_line(e, limit=1000))
         except KeyboardInterrupt:
             typer.echo("", err=True)
             raise typer.Exit(130)

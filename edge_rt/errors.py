@@ -6,6 +6,12 @@ to do. The CLI prints that line and exits with code 2; anything else is a bug.
 """
 
 
+def one_line(e: object, limit: int = 300) -> str:
+    """An exception (or message) as one line of text, for error messages."""
+    text = " ".join(str(e).split())
+    return text[:limit] if text else type(e).__name__
+
+
 class EdgeRTError(Exception):
     """Base class of every user-facing edge-rt error."""
 

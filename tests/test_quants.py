@@ -66,15 +66,17 @@ def test_int8_as_two_int4_halves_is_exact():
     assert torch.equal(recon, ref)
 
 
+@pytest.mark.parametrize("kernel", ["cpu", "dense"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n_out", [64, 40])  # 40: not a multiple of 16, padded inside
-def test_int4_linear_matches_dequantized_matmul(dtype, n_out):
+def test_int4_linear_matches_dequantized_matmul(dtype, n_out, kernel):
     torch.manual_seed(0)
     K = 96
     q = torch.randint(0, 16, (n_out, K), dtype=torch.uint8)
     scale = torch.rand(n_out, K // 32) * 0.05
     zero = torch.randn(n_out, K // 32) * 0.05
-    lin = Int4Linear(q, scale, zero, 32, None, dtype, torch.device("cpu"))
+    lin = Int4Linear(q, scale, zero, 32, None, dtype, torch.device("cpu"), kernel=kernel)
+    assert hasattr(lin, "packed") == (kernel == "cpu")
     x = torch.randn(3, 5, K).to(dtype)
     w = dequantize_int4(q, scale.to(dtype).float(), zero.to(dtype).float(), 32)
     ref = x.float() @ w.t()
@@ -82,3 +84,18 @@ def test_int4_linear_matches_dequantized_matmul(dtype, n_out):
     assert out.shape == (3, 5, n_out) and out.dtype == dtype
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert torch.allclose(out.float(), ref, atol=tol * ref.abs().max(), rtol=0)
+
+
+def test_int4_kernel_choice_per_device(monkeypatch):
+    from edge_rt.loading.weights import int4_kernel_for
+
+    assert int4_kernel_for(torch.device("cpu"), torch.bfloat16, 576) == ("cpu", 8)
+    assert int4_kernel_for(torch.device("mps"), torch.float16, 576)[0] == "dense"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    cuda = torch.device("cuda", 0)
+    assert int4_kernel_for(cuda, torch.bfloat16, 1536) == ("cuda", 8)  # 1536 = 128 * 12
+    assert int4_kernel_for(cuda, torch.bfloat16, 576) == ("cuda", 4)  # 576 = 64 * 9
+    assert int4_kernel_for(cuda, torch.bfloat16, 96) == ("cuda", 2)
+    assert int4_kernel_for(cuda, torch.float16, 1536)[0] == "dense"  # tinygemm takes bf16 only
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert int4_kernel_for(cuda, torch.bfloat16, 1536)[0] == "dense"

@@ -15,9 +15,6 @@ from typing import Iterator, Sequence
 from edge_rt.errors import ContextOverflowError, InvalidOptionError
 from edge_rt.generation.sampling import Sampler, SamplingParams
 
-FINISH_REASONS = ("stop", "length", "context")
-
-
 @dataclass(frozen=True)
 class GenerationConfig:
     max_tokens: int = 256
@@ -96,6 +93,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.tokens: list[int] = []  # ids in the backend's KV cache, in order
         self.lock = threading.RLock()
+        self.busy = False  # a generation or scoring is under way (possibly a suspended stream)
         self.last_stats = GenerationStats()
 
     @property
@@ -104,8 +102,15 @@ class Engine:
 
     def reset(self) -> None:
         with self.lock:
+            self._check_idle()
             self.backend.reset()
             self.tokens = []
+
+    def _check_idle(self) -> None:
+        # the lock is reentrant, so the thread that owns a suspended stream gets here: refuse
+        # rather than let two requests share one KV cache
+        if self.busy:
+            raise InvalidOptionError("the model is busy with an unfinished stream: exhaust or close it first")
 
     def _forward(self, ids: Sequence[int], all_logits: bool = False):
         try:
@@ -137,15 +142,22 @@ class Engine:
         """Logits for every position of `ids` from an empty cache: [T, V] fp32 (for perplexity)."""
         with self.lock:
             self.reset()
+            self.busy = True
             try:
                 return self._forward(ids, all_logits=True)
             finally:
+                self.busy = False
                 self.reset()
 
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[Piece]:
         """Stream pieces for a prompt; the last piece carries finish_reason. Stats in last_stats."""
         with self.lock:
-            yield from self._generate(list(prompt_ids), config)
+            self._check_idle()
+            self.busy = True
+            try:
+                yield from self._generate(list(prompt_ids), config)
+            finally:
+                self.busy = False
 
     def _generate(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[Piece]:
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
@@ -160,8 +172,8 @@ class Engine:
         history = list(prompt_ids)
         pending = ""
         finish, matched = "length", False
-        t_dec = time.perf_counter()
         for i in range(config.max_tokens):
+            t_step = time.perf_counter()
             if i:
                 if self.backend.position >= self.n_ctx:
                     finish = "context"
@@ -173,7 +185,7 @@ class Engine:
                 break
             history.append(tok)
             stats.generated_tokens += 1
-            stats.decode_s = time.perf_counter() - t_dec
+            stats.decode_s += time.perf_counter() - t_step  # the consumer's time between pieces is not counted
             pending += decoder.push(tok)
             hits = [(pending.find(s), s) for s in config.stop if s in pending]
             if hits:
@@ -184,7 +196,6 @@ class Engine:
             safe = len(pending) - _stop_holdback(pending, config.stop)
             yield Piece(pending[:safe], tok)
             pending = pending[safe:]
-        stats.decode_s = time.perf_counter() - t_dec
         stats.finish_reason = finish
         tail = "" if matched else pending + decoder.flush()
         yield Piece(tail, None, finish)

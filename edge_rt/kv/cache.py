@@ -64,16 +64,8 @@ class KVCache:
             return 0
         return 2 * self.keys.numel() * self.keys.element_size()
 
-    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of the cached keys and values [B, Hkv, offset, hd]."""
-        return self.keys[:, :, : self.offset].clone(), self.values[:, :, : self.offset].clone()
 
 
 def make_caches(num_layers: int, n_kv_heads: int, head_dim: int, max_len: int,
                 dtype: torch.dtype, device, batch: int = 1) -> list[KVCache]:
     return [KVCache(batch, n_kv_heads, head_dim, max_len, dtype, device) for _ in range(num_layers)]
-
-
-def bytes_per_position(num_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """KV bytes one token position costs across all layers."""
-    return 2 * num_layers * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

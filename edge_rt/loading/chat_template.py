@@ -13,7 +13,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from edge_rt.errors import InvalidOptionError, ModelFormatError
+from edge_rt.errors import InvalidOptionError, ModelFormatError, one_line
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -110,7 +110,7 @@ def render_chat(
         compiled = _compile(template)
     except TemplateSyntaxError as e:
         raise ModelFormatError(
-            f"chat template does not parse: {_one_line(e.message)} (line {e.lineno})"
+            f"chat template does not parse: {one_line(e.message)} (line {e.lineno})"
         ) from None
     try:
         return compiled.render(
@@ -122,13 +122,11 @@ def render_chat(
         )
     except _TemplateRaised as e:
         raise InvalidOptionError(
-            f"the chat template refused the messages: {_one_line(e)}"
+            f"the chat template refused the messages: {one_line(e)}"
         ) from None
     except Exception as e:  # the template is the model's code: whatever it raises, it is broken
         raise ModelFormatError(
-            f"chat template failed: {type(e).__name__}: {_one_line(e)}"
+            f"chat template failed: {type(e).__name__}: {one_line(e)}"
         ) from None
 
 
-def _one_line(e: Any) -> str:
-    return " ".join(str(e).split())

@@ -20,7 +20,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 
-from edge_rt.errors import ModelFormatError, UnsupportedModelError
+from edge_rt.errors import ModelFormatError, UnsupportedModelError, one_line
 from edge_rt.loading import quants
 from edge_rt.loading.names import GGUF_NAMES, map_name
 from edge_rt.models.llama import ARCHITECTURES, ModelArgs
@@ -62,10 +62,6 @@ class SourceTensor:
     raw: np.ndarray | None = None  # file bytes (memory-mapped)
     row_perm: torch.Tensor | None = None  # applied to rows after decoding
     array: Any = None  # for dense sources (safetensors): a tensor-producing callable
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.raw.nbytes) if self.raw is not None else int(np.prod(self.shape)) * 2
 
     def int4(self):
         """(q, scale, zero) when the type maps exactly onto Int4Linear, else None."""
@@ -245,7 +241,7 @@ def _reader(path: Path) -> GGUFReader:
         reader = GGUFReader(path, "r")
     except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError,
             MemoryError, AssertionError, EOFError, OSError) as e:
-        raise ModelFormatError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {_one_line(e)})") from None
+        raise ModelFormatError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {one_line(e)})") from None
     size = os.path.getsize(path)
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)
@@ -254,9 +250,6 @@ def _reader(path: Path) -> GGUFReader:
     return reader
 
 
-def _one_line(e: Exception) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:200] if s else ""
 
 
 def read_metadata(reader: GGUFReader) -> dict[str, Any]:
@@ -267,7 +260,7 @@ def read_metadata(reader: GGUFReader) -> dict[str, Any]:
         try:
             meta[key] = field.contents()
         except (ValueError, IndexError, UnicodeDecodeError, TypeError) as e:
-            raise ModelFormatError(f"metadata key {key!r} is corrupt ({_one_line(e)})") from None
+            raise ModelFormatError(f"metadata key {key!r} is corrupt ({one_line(e)})") from None
     return meta
 
 
@@ -297,12 +290,12 @@ def args_from_metadata(meta: dict[str, Any], n_vocab_tokens: int | None) -> Mode
     try:
         args = ModelArgs(model_type=arch, **values)
     except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise ModelFormatError(f"inconsistent GGUF hyper-parameters: {_one_line(e)}") from None
-    for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
-        v = getattr(args, f)
-        if not isinstance(v, int) or v <= 0:
-            raise ModelFormatError(f"GGUF hyper-parameter {f} = {v!r} is invalid")
-    if args.hidden_size % args.num_attention_heads or args.num_attention_heads % args.num_key_value_heads:
+        raise ModelFormatError(f"inconsistent GGUF hyper-parameters: {one_line(e)}") from None
+    try:
+        args.validate()
+    except ValueError as e:
+        raise ModelFormatError(f"GGUF hyper-parameter {one_line(e)}") from None
+    if args.hidden_size % args.num_attention_heads:
         raise ModelFormatError("GGUF head counts do not divide the embedding size")
     args.attention_bias = ARCHITECTURES[arch].get("attention_bias", False)
     args.bos_token_id = meta.get("tokenizer.ggml.bos_token_id")

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_rt.errors import ModelFormatError, UnsupportedModelError
+from edge_rt.errors import ModelFormatError, UnsupportedModelError, one_line
 from edge_rt.loading.gguf import SourceTensor
 from edge_rt.loading.names import HF_NAMES, map_name
 from edge_rt.models.llama import ARCHITECTURES, ModelArgs
@@ -29,7 +29,7 @@ def open_hf_folder(path: str | Path) -> HFModelFolder:
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"{cfg_path}: invalid JSON ({str(e).splitlines()[0]})") from None
+        raise ModelFormatError(f"{cfg_path}: invalid JSON ({one_line(e)})") from None
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise UnsupportedModelError(
@@ -37,8 +37,11 @@ def open_hf_folder(path: str | Path) -> HFModelFolder:
         )
     try:
         args = ModelArgs.from_hf_config(config)
-    except (TypeError, ValueError) as e:
-        raise ModelFormatError(f"{cfg_path}: inconsistent config ({e})") from None
+        args.validate()
+    except (TypeError, ValueError, ZeroDivisionError, KeyError) as e:
+        if "not supported" in str(e):
+            raise UnsupportedModelError(f"{cfg_path}: {one_line(e)}") from None
+        raise ModelFormatError(f"{cfg_path}: inconsistent config ({one_line(e)})") from None
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelFormatError(f"{path}: no *.safetensors weight files")
@@ -51,7 +54,7 @@ def open_hf_folder(path: str | Path) -> HFModelFolder:
             handle = safe_open(str(f), framework="pt")
             names = list(handle.keys())
         except (SafetensorError, OSError, ValueError) as e:
-            raise ModelFormatError(f"{f}: corrupt safetensors file ({str(e).splitlines()[0]})") from None
+            raise ModelFormatError(f"{f}: corrupt safetensors file ({one_line(e)})") from None
         for name in names:
             target, part = map_name(HF_NAMES, name)
             if target is None:

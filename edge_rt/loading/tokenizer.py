@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_rt.errors import (
+    one_line,
     InvalidOptionError,
     ModelFormatError,
     ModelNotFoundError,
@@ -443,7 +444,7 @@ class Tokenizer:
         try:
             core = HFTokenizer.from_str(json.dumps(core_json))
         except Exception as e:  # tokenizers raises plain Exception subclasses
-            raise ModelFormatError(f"{tj_path}: {_one_line(e)}") from None
+            raise ModelFormatError(f"{tj_path}: {one_line(e)}") from None
 
         text_to_id = {t: i for i, t in enumerate(tokens) if t}
         bos_id = _hf_special_id(config.get("bos_token"), text_to_id, config_path)
@@ -709,7 +710,7 @@ def _bpe_core(
             vocab, merges, ignore_merges=pre.ignore_merges, unk_token=unk, fuse_unk=False
         )
     except Exception as e:  # tokenizers raises plain Exception subclasses
-        raise ModelFormatError(f"bad BPE vocabulary: {_one_line(e)}") from None
+        raise ModelFormatError(f"bad BPE vocabulary: {one_line(e)}") from None
     core = HFTokenizer(bpe)
     splits = [
         pre_tokenizers.Split(Regex(_with_llamacpp_classes(r)), behavior="isolated")
@@ -744,7 +745,7 @@ def _spm_core(
     try:
         bpe = models.BPE(vocab, merges, unk_token=unk, byte_fallback=True, fuse_unk=False)
     except Exception as e:
-        raise ModelFormatError(f"bad SentencePiece vocabulary: {_one_line(e)}") from None
+        raise ModelFormatError(f"bad SentencePiece vocabulary: {one_line(e)}") from None
     return HFTokenizer(bpe)
 
 
@@ -816,7 +817,7 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"cannot read {path}: {_one_line(e)}") from None
+        raise ModelFormatError(f"cannot read {path}: {one_line(e)}") from None
     if not isinstance(data, dict):
         raise ModelFormatError(f"{path} is not a JSON object")
     return data
@@ -887,5 +888,3 @@ def _hf_chat_template(config: Mapping[str, Any], folder: Path) -> str | None:
     return tpl
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

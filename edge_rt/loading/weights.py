@@ -29,6 +29,22 @@ def _check_shape(target: str, got: tuple, want: tuple) -> None:
         raise ModelFormatError(f"tensor for {target} has shape {tuple(got)}, the config implies {tuple(want)}")
 
 
+def int4_kernel_for(device: torch.device, dtype: torch.dtype, in_features: int) -> tuple[str, int]:
+    """Which packed int4 kernel runs here: ("cpu" | "cuda" | "dense", CUDA inner_k_tiles).
+
+    CPU: _weight_int4pack_mm_for_cpu (bf16/fp16/fp32 inputs). CUDA: tinygemm's
+    _weight_int4pack_mm, bf16 inputs only, compute capability 8.0+, K a multiple of
+    16 * inner_k_tiles. Anything else (MPS, older GPUs, fp16 on CUDA) runs a dequantized weight.
+    """
+    if device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return "cpu", 8
+    if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8:
+        for tiles in (8, 4, 2):
+            if in_features % (16 * tiles) == 0:
+                return "cuda", tiles
+    return "dense", 8
+
+
 def _linear(target, srcs, bias, want, use_int4, dtype, device) -> nn.Module:
     """One linear module from its source parts: packed int4 where the file type allows, else dense."""
     if use_int4:
@@ -36,12 +52,15 @@ def _linear(target, srcs, bias, want, use_int4, dtype, device) -> nn.Module:
         if all(p is not None for p in split):
             q, scale, zero = (torch.cat(x) for x in zip(*split))
             _check_shape(target, q.shape, want)
-            return Int4Linear(q, scale, zero, INT4_GROUP, bias, dtype, device)
+            kernel, tiles = int4_kernel_for(device, dtype, q.shape[1])
+            return Int4Linear(q, scale, zero, INT4_GROUP, bias, dtype, device, kernel=kernel, inner_k_tiles=tiles)
         split8 = [s.int8() for s in srcs]
         if all(p is not None for p in split8):
             q8, d = (torch.cat(x) for x in zip(*split8))
             _check_shape(target, q8.shape, want)
-            return Int4Linear(*int8_as_int4(q8, d), INT4_GROUP, bias, dtype, device, input_repeat=2)
+            kernel, tiles = int4_kernel_for(device, dtype, 2 * q8.shape[1])
+            return Int4Linear(*int8_as_int4(q8, d), INT4_GROUP, bias, dtype, device, input_repeat=2,
+                              kernel=kernel, inner_k_tiles=tiles)
     w = torch.cat([s.dense() for s in srcs])
     _check_shape(target, w.shape, want)
     new = nn.Linear(want[1], want[0], bias=bias is not None, device=device, dtype=dtype)

@@ -7,14 +7,10 @@ checks the estimate against the bytes of a really loaded model.
 from __future__ import annotations
 
 import torch
+from gguf import GGMLQuantizationType as QT
 
 from edge_rt.loading.quants import INT4_TYPES
 from edge_rt.loading.weights import INT4_GROUP
-
-try:
-    from gguf import GGMLQuantizationType as QT
-except ImportError:  # pragma: no cover - gguf is a core dependency
-    QT = None
 
 ACTIVATION_TOKENS = 512  # the prefill chunk (backends.torch_backend.PREFILL_CHUNK)
 

@@ -29,20 +29,12 @@ def swap_linear(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def int4_kernel_for(device: torch.device) -> str:
-    """Which int4 matmul kernel runs on this device: 'cpu', 'cuda' or 'dense' (dequantized)."""
-    if device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        return "cpu"
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
-        return "cuda"
-    return "dense"
-
-
 class Int4Linear(nn.Module):
     """Linear layer with 4-bit group-quantized weights: w = (q - 8) * scale + zero per group."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
-                 bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device, input_repeat: int = 1):
+                 bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device, input_repeat: int = 1,
+                 kernel: str = "dense", inner_k_tiles: int = 8):
         """
         Args:
             q: [N, K * input_repeat] integer codes in 0..15.
@@ -51,13 +43,16 @@ class Int4Linear(nn.Module):
             bias: [N] or None.
             input_repeat: the input is concatenated this many times before the product (2 for
                 int8 weights split into two 4-bit halves, see loading.quants.int8_as_int4).
+            kernel: "cpu" / "cuda" (PyTorch's packed int4 matmuls) or "dense" (dequantized
+                weight); the loader chooses it for the device (loading.weights.int4_kernel_for).
+            inner_k_tiles: the CUDA kernel's K tiling (K must be a multiple of 16 * it).
         """
         super().__init__()
         N, K = q.shape
         self.input_repeat = input_repeat
         self.padded_out = -N % 16  # the packed kernels want N divisible by 16: pad with zero rows
         self.in_features, self.out_features, self.group_size = K // input_repeat, N, group_size
-        self.kernel = int4_kernel_for(device)
+        self.kernel = kernel
         if self.kernel == "dense":
             w = dequantize_int4(q, scale, zero, group_size).to(device=device, dtype=dtype)
             self.register_buffer("weight", w)
@@ -67,7 +62,7 @@ class Int4Linear(nn.Module):
                 q = torch.cat([q, q.new_full((pad, K), 8)])
                 scale = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])])
                 zero = torch.cat([zero, zero.new_zeros(pad, zero.shape[1])])
-            self.register_buffer("packed", pack_int4(q, device, self.kernel))
+            self.register_buffer("packed", pack_int4(q, device, self.kernel, inner_k_tiles))
             sz = torch.stack([scale.t(), zero.t()], dim=-1)  # [K/gs, N(+pad), 2]
             self.register_buffer("scales_and_zeros", sz.to(device=device, dtype=dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(device=device, dtype=dtype))
@@ -115,7 +110,7 @@ class Int8Embedding(nn.Module):
 PACK_ROWS = 4096  # rows packed at a time: bounds the int32 copy the packing op needs
 
 
-def pack_int4(q: torch.Tensor, device: torch.device, kernel: str) -> torch.Tensor:
+def pack_int4(q: torch.Tensor, device: torch.device, kernel: str, inner_k_tiles: int = 8) -> torch.Tensor:
     """Pack [N, K] codes 0..15 (any integer dtype, N % 16 == 0) into the int4 kernel's layout."""
     if kernel == "cpu":
         # rows are packed independently, so packing in row blocks gives the same bytes
@@ -126,7 +121,7 @@ def pack_int4(q: torch.Tensor, device: torch.device, kernel: str) -> torch.Tenso
     # CUDA tinygemm layout: two codes per byte (even index in the high nibble), then tiled.
     q = q.to(torch.int32)
     q8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).to(device)
-    return torch.ops.aten._convert_weight_to_int4pack(q8.contiguous(), 8)
+    return torch.ops.aten._convert_weight_to_int4pack(q8.contiguous(), inner_k_tiles)
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:

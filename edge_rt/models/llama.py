@@ -52,7 +52,7 @@ class ModelArgs:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
+        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
 
     @property
@@ -77,6 +77,19 @@ class ModelArgs:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def validate(self) -> None:
+        """Raise ValueError for hyper-parameters no model can have (corrupt or hostile configs)."""
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{f} = {v!r} is invalid")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads is not a multiple of num_key_value_heads")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} is odd")
+        check_rope_scaling(self.rope_scaling)
 
     def num_parameters(self) -> int:
         """Parameter count (embeddings counted once when tied)."""
@@ -119,12 +132,28 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps).to(out_dtype)
 
 
+ROPE_SCALINGS = {None: (), "default": (), "linear": ("factor",), "llama3": ("factor",),
+                 "freq_factors": ("factors",)}  # rope_type -> required keys
+
+
+def check_rope_scaling(scaling: dict | None) -> None:
+    """Raise ValueError for a rope scaling this file does not implement."""
+    scaling = scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"rope scaling {kind!r} is not supported")
+    missing = [k for k in ROPE_SCALINGS[kind] if k not in scaling]
+    if missing:
+        raise ValueError(f"{kind} rope scaling lacks {', '.join(missing)}")
+
+
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     """Inverse frequencies [head_dim/2], with llama3-style scaling when the config asks for it."""
     hd = args.head_dim
     inv = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     scaling = args.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type"))
+    check_rope_scaling(scaling)
     if kind == "llama3":
         factor = scaling["factor"]
         lo, hi = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
@@ -138,8 +167,6 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
         inv = inv / scaling["factor"]
     elif kind == "freq_factors":  # GGUF rope_freqs: one divisor per frequency (llama.cpp rope_ext)
         inv = inv / torch.tensor(scaling["factors"], dtype=torch.float64)
-    elif kind not in (None, "default"):
-        raise ValueError(f"unsupported rope scaling {kind!r}")
     return inv
 
 
