@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -117,7 +117,8 @@ def _tokenizer_for(src: ModelSource):
 
 
 def load(model: str | os.PathLike | None = None, device: str = "auto", *, dtype: str | None = None,
-         n_ctx: int | None = None, threads: int | None = None, quantized: bool = True) -> "LLM":
+         n_ctx: int | None = None, threads: int | None = None, quantized: bool = True,
+         progress: Callable[[int, int], None] | None = None) -> "LLM":
     """Load a model for generation.
 
     Args:
@@ -128,6 +129,7 @@ def load(model: str | os.PathLike | None = None, device: str = "auto", *, dtype:
         n_ctx: context length (default: the model's, at most 4096).
         threads: CPU threads (default: torch's default, the core count).
         quantized: keep 4-bit GGUF weights packed (fast); False dequantizes everything.
+        progress: called as progress(done, total) while the weights are loaded.
     Returns:
         An LLM.
     Raises:
@@ -154,7 +156,7 @@ def load(model: str | os.PathLike | None = None, device: str = "auto", *, dtype:
 
     compute = DTYPES[dtype] if dtype else dev.default_dtype
     t0 = time.perf_counter()
-    net = build_model(args, src.tensors, compute, dev.torch_device, n_ctx, quantized=quantized)
+    net = build_model(args, src.tensors, compute, dev.torch_device, n_ctx, quantized=quantized, progress=progress)
     # Attention and the KV cache run in fp32 on CPU (faster there than bf16 for these small
     # matrices, and closer to llama.cpp); in the compute dtype on accelerators.
     kv_dtype = torch.float32 if dev.kind == "cpu" else compute

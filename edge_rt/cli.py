@@ -62,10 +62,25 @@ def _check_options(opts: dict, device: str) -> None:
     LLM._config(**opts)
 
 
+def _load_progress():
+    """A one-line progress bar on stderr while weights load (only on a terminal)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\rloading weights [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
+        sys.stderr.flush()
+
+    return show
+
+
 def _load(model, device, dtype, n_ctx, threads):
     import edge_rt
 
-    return edge_rt.load(model, device=device, dtype=dtype, n_ctx=n_ctx, threads=threads)
+    return edge_rt.load(model, device=device, dtype=dtype, n_ctx=n_ctx, threads=threads, progress=_load_progress())
 
 
 @app.command()

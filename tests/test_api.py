@@ -72,3 +72,11 @@ def test_info_reports_loaded_memory(llm):
     info = llm.info()
     assert info["memory"]["kv_cache_bytes"] == 2 * 2 * 2 * 16 * 128 * 4  # layers, k+v, kv heads, hd, n_ctx, fp32
     assert info["load_s"] > 0 and info["device"]["kind"] == "cpu"
+
+
+def test_load_reports_progress(tmp_path):
+    path = write_tiny_gguf(tmp_path / "p.gguf")
+    seen = []
+    edge_rt.load(path, device="cpu", n_ctx=32, progress=lambda done, total: seen.append((done, total)))
+    assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1] > 0
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
