@@ -205,14 +205,17 @@ class LLM:
         return render_chat(template, messages, add_generation_prompt=add_generation_prompt,
                            bos_token=bos, eos_token=eos)
 
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of messages rendered with the chat template (special tokens parsed)."""
+        return self.tokenizer.encode(self.apply_chat_template(messages, add_generation_prompt), parse_special=True)
+
     def _prompt_ids(self, prompt: str | Sequence[int], chat: bool) -> list[int]:
         if not isinstance(prompt, str):
             if chat:
                 raise InvalidOptionError("chat=True needs a text prompt, not token ids")
             return self._check_ids(prompt)
         if chat:
-            return self.tokenizer.encode(self.apply_chat_template([{"role": "user", "content": prompt}]),
-                                         parse_special=True)
+            return self.chat_ids([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt)
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
@@ -283,8 +286,7 @@ class LLM:
 
     def stream_chat(self, messages: list[dict], **options):
         """Pieces of the assistant reply to `messages` (prefix of the cache is reused)."""
-        ids = self.tokenizer.encode(self.apply_chat_template(messages), parse_special=True)
-        return self.engine.generate(ids, self._config(**options))
+        return self.engine.generate(self.chat_ids(messages), self._config(**options))
 
     def session(self, system: str | None = None) -> "ChatSession":
         """A chat that keeps its history (and, through prefix reuse, its KV cache)."""
@@ -340,7 +342,7 @@ class ChatSession:
         messages = list(messages)
         first = 1 if messages and messages[0]["role"] == "system" else 0
         while True:
-            ids = self.llm.tokenizer.encode(self.llm.apply_chat_template(messages), parse_special=True)
+            ids = self.llm.chat_ids(messages)
             if len(ids) + reserve <= self.llm.n_ctx:
                 return messages, ids
             if len(messages) - first <= 1:
