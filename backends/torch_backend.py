@@ -13,6 +13,20 @@ from edge_rt.models.llama import Transformer
 PREFILL_CHUNK = 512
 
 
+def batch_invariant(model: Transformer) -> bool:
+    """Whether a multi-token verify reproduces one-token forwards bit for bit on this model.
+
+    Attention is made invariant by `exact=True` (per-query); the matrix products must be too. Measured
+    (docs/NOTES.md): PyTorch's packed int4 CPU kernel gives each row the same bits whatever the number
+    of rows, while dense fp32/bf16 products switch kernels between 1 and several rows (gemv vs gemm),
+    and the CUDA int4 kernel has not been measured on hardware yet.
+    """
+    from edge_rt.models.linear import Int4Linear
+
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int4Linear))]
+    return bool(linears) and all(isinstance(m, Int4Linear) and m.kernel == "cpu" for m in linears)
+
+
 class TorchBackend:
     name = "torch"
 
@@ -23,6 +37,7 @@ class TorchBackend:
         self.device = device
         self.n_ctx = n_ctx
         self.vocab_size = args.vocab_size
+        self.exact_verify = batch_invariant(model)
         self.caches = make_caches(args.num_hidden_layers, args.num_key_value_heads, args.head_dim,
                                   n_ctx, kv_dtype, device)
 
@@ -46,6 +61,29 @@ class TorchBackend:
                 continue
             outs.append(self.model(chunk[None], self.caches, self.position, last_only=not all_logits)[0])
         return torch.cat(outs).float().cpu() if len(outs) > 1 else outs[0].float().cpu()
+
+    @torch.inference_mode()
+    def verify(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Append tokens; fp32 logits [T, V], row i bit-identical to forwarding them one by one."""
+        ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.device)
+        if ids.numel() == 0:
+            raise ValueError("verify() needs at least one token")
+        if self.position + ids.numel() > self.n_ctx:
+            raise IndexError(f"{self.position + ids.numel()} positions exceed the context of {self.n_ctx}")
+        return self.model(ids[None], self.caches, self.position, exact=True)[0].float().cpu()
+
+    @torch.inference_mode()
+    def forward_skipping(self, tokens: Sequence[int], skip: frozenset[int]) -> torch.Tensor:
+        """A draft forward with the layers in `skip` left out: logits [T, V]. Undo with trim_skipping."""
+        ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.device)
+        start = self.caches[next(i for i in range(len(self.caches)) if i not in skip)].offset
+        return self.model(ids[None], self.caches, start, skip=skip)[0].float().cpu()
+
+    def trim_skipping(self, n: int, skip: frozenset[int]) -> None:
+        """Roll back n positions written by forward_skipping (the layers it ran)."""
+        for i, c in enumerate(self.caches):
+            if i not in skip:
+                c.trim(n)
 
     def trim(self, n: int) -> int:
         dropped = 0

@@ -38,6 +38,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     finish_reason: str | None = None
+    speculative: object | None = None  # SpecStats when speculative decoding ran
 
     @property
     def decode_tps(self) -> float:
@@ -54,7 +55,7 @@ class GenerationStats:
             "decode_s": self.decode_s,
             "decode_tokens_per_s": self.decode_tps,
             "finish_reason": self.finish_reason,
-        }
+        } | ({"speculative": self.speculative.to_dict()} if self.speculative is not None else {})
 
 
 @dataclass
@@ -149,17 +150,36 @@ class Engine:
                 self.busy = False
                 self.reset()
 
-    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[Piece]:
-        """Stream pieces for a prompt; the last piece carries finish_reason. Stats in last_stats."""
+    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig, speculation=None) -> Iterator[Piece]:
+        """Stream pieces for a prompt; the last piece carries finish_reason. Stats in last_stats.
+
+        speculation: None for plain decoding, or a `Speculation` (drafter + controller): the
+        tokens are the same, verified several at a time.
+        """
         with self.lock:
             self._check_idle()
             self.busy = True
             try:
-                yield from self._generate(list(prompt_ids), config)
+                yield from self._generate(list(prompt_ids), config, speculation)
             finally:
                 self.busy = False
 
-    def _generate(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[Piece]:
+    def _plain_tokens(self, logits, sampler: Sampler, history: list[int], max_tokens: int) -> Iterator[int]:
+        """One forward per token; ends early when the context is full."""
+        for i in range(max_tokens):
+            if i:
+                if self.backend.position >= self.n_ctx:
+                    return
+                logits = self._forward([history[-1]])[-1]
+            tok = sampler.sample(logits, history)
+            history.append(tok)
+            yield tok
+
+    def _trim(self, n: int) -> None:
+        """Roll back the last n cached tokens (rejected drafts)."""
+        del self.tokens[len(self.tokens) - n :]
+
+    def _generate(self, prompt_ids: list[int], config: GenerationConfig, speculation=None) -> Iterator[Piece]:
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.last_stats = stats
         t0 = time.perf_counter()
@@ -170,32 +190,43 @@ class Engine:
             self.tokenizer.stop_ids if config.stop_ids is None else config.stop_ids)
         decoder = self.tokenizer.stream_decoder()
         history = list(prompt_ids)
+        if speculation is None:
+            source = self._plain_tokens(logits, sampler, history, config.max_tokens)
+        else:
+            stats.speculative = speculation.stats
+            source = speculation.tokens(self.backend, sampler, logits, history, config.max_tokens,
+                                        on_forward=self.tokens.extend, on_trim=self._trim)
         pending = ""
         finish, matched = "length", False
-        for i in range(config.max_tokens):
-            t_step = time.perf_counter()
-            if i:
-                if self.backend.position >= self.n_ctx:
+        try:
+            for _ in range(config.max_tokens):
+                t_step = time.perf_counter()
+                tok = next(source, None)
+                if tok is None:
                     finish = "context"
                     break
-                logits = self._forward([history[-1]])[-1]
-            tok = sampler.sample(logits, history)
-            if tok in stop_ids:
-                finish = "stop"
-                break
-            history.append(tok)
-            stats.generated_tokens += 1
-            stats.decode_s += time.perf_counter() - t_step  # the consumer's time between pieces is not counted
-            pending += decoder.push(tok)
-            hits = [(pending.find(s), s) for s in config.stop if s in pending]
-            if hits:
-                cut = min(h for h, _ in hits)
-                yield Piece(pending[:cut], tok)
-                pending, finish, matched = "", "stop", True
-                break
-            safe = len(pending) - _stop_holdback(pending, config.stop)
-            yield Piece(pending[:safe], tok)
-            pending = pending[safe:]
+                if tok in stop_ids:
+                    finish = "stop"
+                    break
+                stats.generated_tokens += 1
+                stats.decode_s += time.perf_counter() - t_step  # the consumer's time between pieces is not counted
+                pending += decoder.push(tok)
+                hits = [(pending.find(s), s) for s in config.stop if s in pending]
+                if hits:
+                    cut = min(h for h, _ in hits)
+                    yield Piece(pending[:cut], tok)
+                    pending, finish, matched = "", "stop", True
+                    break
+                safe = len(pending) - _stop_holdback(pending, config.stop)
+                yield Piece(pending[:safe], tok)
+                pending = pending[safe:]
+        except BaseException:
+            if speculation is not None and self.backend.position != len(self.tokens):
+                self.backend.reset()  # an interrupted verify: start clean
+                self.tokens = []
+            raise
+        finally:
+            source.close()
         stats.finish_reason = finish
         tail = "" if matched else pending + decoder.flush()
         yield Piece(tail, None, finish)

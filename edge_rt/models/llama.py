@@ -216,8 +216,27 @@ class Attention(nn.Module):
         k = qk[:, :, H:].transpose(1, 2)  # [B, Hkv, T, hd]
         v = qkv[..., self.q_dim + self.kv_dim :].view(B, T, Hkv, hd).transpose(1, 2).to(cache.dtype)
         k, v = cache.update_and_fetch(k, v)  # [B, Hkv, S, hd]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
+        if mask is None and T > 1:
+            y = per_query_attention(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.q_dim).to(x.dtype))  # [B, T, D]
+
+
+def per_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention computed one query at a time, each exactly as a one-token decode step.
+
+    A T-query SDPA call does not give bit-identical rows to T one-query calls (its reductions are
+    blocked differently), so a speculative verify chunk run through it could flip near-tied
+    argmaxes. Here query i sees keys [0, S - T + i] through the same one-query call a plain
+    decode step makes, so the verify chunk reproduces plain decoding exactly.
+    """
+    # q: [B, H, T, hd]; k, v: [B, Hkv, S, hd] (the last T positions belong to the queries)
+    T, S = q.shape[2], k.shape[2]
+    gqa = k.shape[1] != q.shape[1]
+    rows = [F.scaled_dot_product_attention(q[:, :, i : i + 1], k[:, :, : S - T + i + 1], v[:, :, : S - T + i + 1],
+                                           enable_gqa=gqa) for i in range(T)]
+    return torch.cat(rows, dim=2)  # [B, H, T, hd]
 
 
 class FeedForward(nn.Module):
@@ -257,7 +276,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope", rope_table(args, args.max_position_embeddings), persistent=False)
         self.compute_dtype = torch.float32  # dtype of matmul inputs; the loader sets it
 
-    def forward(self, tokens: torch.Tensor, caches, start_pos: int, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, caches, start_pos: int, last_only: bool = False,
+                exact: bool = False, skip: frozenset[int] = frozenset()) -> torch.Tensor:
         """Run a chunk of tokens at absolute positions start_pos.. and return fp32 logits.
 
         Args:
@@ -265,6 +285,9 @@ class Transformer(nn.Module):
             caches: one KV cache object per layer (update_and_fetch, offset == start_pos).
             start_pos: position of tokens[:, 0].
             last_only: return logits for the last position only ([B, 1, V]).
+            exact: make every row equal, bit for bit, to decoding the chunk one token at a time
+                (per-query attention; for speculative verify chunks).
+            skip: indices of layers to leave out (a self-speculative draft); their caches are untouched.
         Returns:
             logits [B, T, V] (or [B, 1, V]) in fp32.
         """
@@ -273,9 +296,11 @@ class Transformer(nn.Module):
         x = self.embed(tokens).float()  # [B, T, D]: the residual stream stays fp32
         rope = self.rope[start_pos : start_pos + T]
         cos, sin = rope[:, 0, None], rope[:, 1, None]  # [T, 1, hd]
-        mask = causal_mask(T, start_pos, x.device) if T > 1 else None
-        for layer, cache in zip(self.layers, caches):
-            x = layer(x, cos, sin, cache, mask, dtype)
+        # exact: attention one query at a time (bit-identical to decoding the chunk token by token)
+        mask = causal_mask(T, start_pos, x.device) if T > 1 and not exact else None
+        for i, (layer, cache) in enumerate(zip(self.layers, caches)):
+            if i not in skip:
+                x = layer(x, cos, sin, cache, mask, dtype)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x, dtype)).float()
