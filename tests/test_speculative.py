@@ -315,3 +315,33 @@ def test_draft_model_with_another_vocabulary_is_refused(tiny, tmp_path):
     other = write_tiny_gguf(tmp_path / "other.gguf", vocab_size=600)
     with pytest.raises(InvalidOptionError, match="vocabulary"):
         tiny.generate([5, 6, 7], max_tokens=4, speculative=f"draft:{other}")
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_cli_speculative_run_matches_plain_and_reports_stats(tiny, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    ref = tmp_path / "ref.txt"
+    ref.write_text("The quick brown fox jumps over the lazy dog.")
+
+    def run(*extra):
+        r = subprocess.run([sys.executable, "-m", "edge_rt", "run", "The quick brown fox", "--model",
+                            str(tiny.source.path), "-n", "24", "--json", *extra], capture_output=True, text=True,
+                           timeout=300)
+        return r
+
+    plain, fast = run(), run("--speculative", "reference", "--reference", str(ref), "--max-draft", "6")
+    assert plain.returncode == fast.returncode == 0, fast.stderr
+    p, f = json.loads(plain.stdout.splitlines()[-1]), json.loads(fast.stdout.splitlines()[-1])
+    assert f["token_ids"] == p["token_ids"] and p["speculative"] is None
+    sp = f["speculative"]
+    assert sp["method"] == "reference" and sp["verify_steps"] + sp["plain_steps"] >= 1
+    assert {"acceptance_rate", "mean_accepted_per_verify", "draft_s", "accepted_length_histogram"} <= set(sp)
+    for bad, msg in ((["--speculative", "warp"], "speculative method"), (["--max-draft", "0"], "max_draft"),
+                     (["--speculative", "reference", "--reference", str(tmp_path / "none.txt")], "cannot read")):
+        r = run(*bad)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr

@@ -117,15 +117,17 @@ class SpecStats:
 
 
 def measure_verify_costs(backend, max_chunk: int, reps: int = 2) -> list[float]:
-    """Seconds for verify chunks of 1..max_chunk tokens at the backend's current position.
+    """Seconds for verify chunks of 1..max_chunk tokens at the backend's current position: [0, c(1), ...].
 
-    Measured at a few sizes and interpolated; the cache is left as it was. cost[t] for t >= 1
-    (cost[0] is 0).
+    Every size is measured (best of `reps` after one warm-up): the cost is not linear in the
+    chunk length (PyTorch's int4 CPU kernel works in blocks of 4 rows, so 4 rows cost about what
+    2 do), and the controller should see the steps. The cache is left as it was.
     """
-    sizes = sorted({1, 2, 4, 8, max_chunk} & set(range(1, max_chunk + 1)))
     room = backend.n_ctx - backend.position
-    sizes = [t for t in sizes if t <= room] or [1]
-    measured = {}
+    sizes = range(1, max(1, min(max_chunk, room)) + 1)
+    backend.verify([0])
+    backend.trim(1)
+    costs = [0.0]
     for t in sizes:
         best = float("inf")
         for _ in range(reps):
@@ -133,17 +135,9 @@ def measure_verify_costs(backend, max_chunk: int, reps: int = 2) -> list[float]:
             backend.verify([0] * t)
             best = min(best, time.perf_counter() - t0)
             backend.trim(t)
-        measured[t] = best
-    costs = [0.0]
-    pts = sorted(measured.items())
-    for t in range(1, max_chunk + 1):
-        lo = max((p for p in pts if p[0] <= t), default=pts[0])
-        hi = min((p for p in pts if p[0] >= t), default=pts[-1])
-        if hi[0] == lo[0]:
-            c = lo[1] if t <= pts[-1][0] else lo[1] * t / lo[0]
-        else:
-            c = lo[1] + (hi[1] - lo[1]) * (t - lo[0]) / (hi[0] - lo[0])
-        costs.append(c)
+        costs.append(best)
+    while len(costs) <= max_chunk:  # no room to measure longer chunks: extrapolate linearly
+        costs.append(costs[-1] * len(costs) / (len(costs) - 1))
     return costs
 
 
@@ -169,7 +163,12 @@ class DraftController:
         self.idle: dict[int, int] = {}  # level -> steps since it last drafted
 
     def acceptance(self, level: int) -> float:
-        s, f = self.counts.get(level, (1.0, 1.0))
+        """Per-token acceptance of a level; a level not seen yet starts from the pooled estimate."""
+        if level not in self.counts:
+            s = sum(c[0] for c in self.counts.values()) + 1.0
+            f = sum(c[1] for c in self.counts.values()) + 1.0
+            return s / (s + f)
+        s, f = self.counts[level]
         return s / (s + f)
 
     def length(self, level: int, limit: int) -> int:
@@ -192,7 +191,8 @@ class DraftController:
         return best_k
 
     def update(self, level: int, proposed: int, accepted: int) -> None:
-        s, f = self.counts.get(level, (1.0, 1.0))
+        a = self.acceptance(level)
+        s, f = self.counts.get(level, (2 * a, 2 * (1 - a)))  # a new level: the pooled prior, weight 2
         self.counts[level] = [self.DECAY * s + accepted, self.DECAY * f + (1.0 if accepted < proposed else 0.0)]
         self.idle[level] = 0
 
