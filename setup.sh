@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up edge-rt in ./.venv (created or reused) and fetch the default model.
 #   ./setup.sh          runtime: torch (CPU build), edge-rt, the default model
-#   ./setup.sh --dev    also the test tools and the llama-cpp-python extra (compiles ~10 min
-#                       the first time on 2 cores; pip caches the wheel afterwards)
+#   ./setup.sh --dev    also the test tools, the llama-cpp-python extra (compiles ~10 min
+#                       the first time on 2 cores; pip caches the wheel afterwards) and the
+#                       export extra (executorch, torchao, onnx, onnxruntime)
 set -euo pipefail
 cd "$(dirname "$0")"
 DEV=0
@@ -20,8 +21,8 @@ if ! $VPY -c "import torch" 2>/dev/null; then
     $PIP "${EDGE_RT_TORCH_SPEC:-torch==2.13.0}"
 fi
 if [ "$DEV" = 1 ]; then
-    echo "setup: installing edge-rt with test tools and llama-cpp-python (first build is slow)" >&2
-    $PIP -e ".[test,llamacpp]"
+    echo "setup: installing edge-rt with test tools, llama-cpp-python (first build is slow) and export tools" >&2
+    $PIP -e ".[test,llamacpp,export]"
 else
     echo "setup: installing edge-rt" >&2
     $PIP -e .

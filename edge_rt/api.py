@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from devices import Device, resolve_device
-from edge_rt.errors import ContextOverflowError, InvalidOptionError, ModelFormatError
+from edge_rt.errors import ContextOverflowError, DeviceError, InvalidOptionError, ModelFormatError
 from edge_rt.generation.engine import Engine, GenerationConfig, GenerationStats
 from edge_rt.generation.sampling import SamplingParams
 from edge_rt.loading.chat_template import render_chat
@@ -33,6 +33,7 @@ from edge_rt.loading.resolve import resolve_model_path
 
 DEFAULT_N_CTX = 4096
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BACKENDS = ("torch", "llamacpp")  # who runs the forward (backends/)
 
 
 @dataclass
@@ -118,7 +119,8 @@ def _tokenizer_for(src: ModelSource):
 
 def load(model: str | os.PathLike | None = None, device: str = "auto", *, dtype: str | None = None,
          n_ctx: int | None = None, threads: int | None = None, quantized: bool = True,
-         progress: Callable[[int, int], None] | None = None) -> "LLM":
+         progress: Callable[[int, int], None] | None = None, budget: int | str | None = None,
+         cpu_budget: int | str | None = None, reconstruct: str = "rebuild", backend: str = "torch") -> "LLM":
     """Load a model for generation.
 
     Args:
@@ -130,6 +132,17 @@ def load(model: str | os.PathLike | None = None, device: str = "auto", *, dtype:
         threads: CPU threads (default: torch's default, the core count).
         quantized: keep 4-bit GGUF weights packed (fast); False dequantizes everything.
         progress: called as progress(done, total) while the weights are loaded.
+        budget: device memory for the model (bytes or "64MB"): weights, stream buffers, KV cache
+            and activations stay within it (plus the runtime's fixed overhead, docs/OFFLOAD.md), or
+            loading refuses with the minimum. Streaming needs a weight store (`edge-rt compress`);
+            a plain model file must fit whole.
+        cpu_budget: host RAM for a second tier of layers (pinned on CUDA); needs `budget`.
+        reconstruct: BitStack stores only: "rebuild" each weight from its blocks in every forward
+            (memory follows the budget) or "keep" the rebuilt weights (fast; counted in the budget).
+            With a BitStack store, budget may also be "auto" (a share of free memory) and the
+            model can be resized live (`LLM.resize`).
+        backend: "torch" (edge-rt's own model) or "llamacpp" (llama.cpp through llama-cpp-python;
+            a GGUF file, CPU, the file's own tensor types; tokenizer and engine stay edge-rt's).
     Returns:
         An LLM.
     Raises:
@@ -140,6 +153,30 @@ def load(model: str | os.PathLike | None = None, device: str = "auto", *, dtype:
         raise InvalidOptionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise InvalidOptionError(f"threads must be an integer >= 1, got {threads}")
+    if backend not in BACKENDS:
+        raise InvalidOptionError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "llamacpp":
+        return _load_llamacpp(model, device, dev, dtype, n_ctx, threads, quantized, budget)
+    from offload.bitstack_load import is_bitstack_store
+
+    if model is not None and is_bitstack_store(model):  # BitStack: budget may be "auto"; resizable
+        return _load_bitstack(model, dev, dtype, n_ctx, threads, budget, cpu_budget, reconstruct, progress)
+    from edge_rt.memory.sizes import parse_size
+
+    budget = None if budget is None else parse_size(budget, "budget")
+    cpu_budget = None if cpu_budget is None else parse_size(cpu_budget, "cpu_budget")
+    if cpu_budget is not None and budget is None:
+        raise InvalidOptionError("cpu_budget needs a (device) budget too")
+    from offload.store import is_store
+
+    if model is not None and is_store(model):
+        return _load_store(model, dev, dtype, n_ctx, threads, budget, cpu_budget, progress)
+    from edge_rt.export.bundle import is_bundle
+
+    if model is not None and is_bundle(model):  # an `edge-rt export` bundle runs on its own runtime (CPU)
+        from edge_rt.export.runtime import load_bundle
+
+        return load_bundle(model, threads=threads, n_ctx=n_ctx)
     src = open_model(model)
     args = src.args
     # sliding-window attention (Mistral) is not implemented: stay within the window
@@ -148,6 +185,8 @@ def load(model: str | os.PathLike | None = None, device: str = "auto", *, dtype:
         n_ctx = min(max_ctx, DEFAULT_N_CTX)
     if not isinstance(n_ctx, int) or not 16 <= n_ctx <= max_ctx:
         raise InvalidOptionError(f"n_ctx must be in [16, {max_ctx}], got {n_ctx}")
+    if budget is not None:
+        _check_whole_model_budget(src, dev, dtype, n_ctx, quantized, budget, cpu_budget)
     tokenizer = _tokenizer_for(src)
     if threads:
         torch.set_num_threads(threads)
@@ -164,6 +203,98 @@ def load(model: str | os.PathLike | None = None, device: str = "auto", *, dtype:
     return LLM(src, tokenizer, backend, dev, compute, quantized, time.perf_counter() - t0)
 
 
+def _check_whole_model_budget(src, dev, dtype, n_ctx, quantized, budget, cpu_budget) -> None:
+    """A plain model file loads whole: refuse a budget it does not fit (streaming needs a store)."""
+    from edge_rt.memory.estimate import describe_model
+    from edge_rt.memory.sizes import format_size
+
+    if cpu_budget is not None:
+        raise InvalidOptionError("cpu_budget needs a weight store (edge-rt compress MODEL -o STORE)")
+    compute = DTYPES[dtype] if dtype else dev.default_dtype
+    kv_dtype = torch.float32 if dev.kind == "cpu" else compute
+    need = describe_model(src, compute, n_ctx, kv_dtype=kv_dtype, quantized=quantized)["memory"]["total_bytes"]
+    if need > budget:
+        raise InvalidOptionError(
+            f"budget {format_size(budget)} is below the {format_size(need)} this model file needs in memory; "
+            f"to stream it within a smaller budget write a store: edge-rt compress MODEL --format dense -o STORE")
+
+
+def _load_store(path, dev: Device, dtype, n_ctx, threads, budget, cpu_budget, progress) -> "LLM":
+    """Load a weight store (offload/store.py), dispatching on its kind; planned for the budgets."""
+    from offload.store import open_store_model
+
+    sm = open_store_model(path)
+    args = sm.args
+    max_ctx = min(args.max_position_embeddings, args.sliding_window or args.max_position_embeddings)
+    if n_ctx is not None and (not isinstance(n_ctx, int) or not 16 <= n_ctx <= max_ctx):
+        raise InvalidOptionError(f"n_ctx must be in [16, {max_ctx}], got {n_ctx}")
+    if n_ctx is None and budget is None:
+        n_ctx = min(max_ctx, DEFAULT_N_CTX)
+    if threads:
+        torch.set_num_threads(threads)
+    from backends.torch_backend import TorchBackend
+
+    # CPUs without native bf16 matmuls run bf16 weights far faster widened to fp32 (exactly)
+    compute = DTYPES[dtype] if dtype else (torch.float32 if dev.kind == "cpu" else DTYPES[sm.store.meta.get("dtype", "bfloat16")])
+    kv_dtype = torch.float32 if dev.kind == "cpu" else compute
+    t0 = time.perf_counter()
+    if sm.store.kind in ("dense", "endor"):
+        from offload.loader import build_offloaded
+
+        net, plan = build_offloaded(sm, dev.torch_device, dev.kind, compute, kv_dtype, n_ctx, max_ctx, budget,
+                                    cpu_budget, progress=progress)
+    else:
+        raise ModelFormatError(f"{sm.path}: store kind {sm.store.kind!r} is not supported")
+    backend = TorchBackend(net, dev.torch_device, plan.n_ctx, kv_dtype=kv_dtype)
+    llm = LLM(sm, sm.tokenizer(), backend, dev, compute, False, time.perf_counter() - t0)
+    llm.plan = plan
+    return llm
+
+
+def _load_bitstack(path, dev: Device, dtype, n_ctx, threads, budget, cpu_budget, reconstruct, progress) -> "LLM":
+    """Load a BitStack store (offload/bitstack_load.py) at a budget: the LLM gets `.bitstack`."""
+    from offload.bitstack_load import RECONSTRUCT, load_llm
+    from offload.store import open_store_model
+
+    if cpu_budget is not None:
+        raise InvalidOptionError("cpu_budget does not apply to BitStack stores (use budget)")
+    if reconstruct not in RECONSTRUCT:
+        raise InvalidOptionError(f"reconstruct must be one of {', '.join(RECONSTRUCT)}, got {reconstruct!r}")
+    sm = open_store_model(path)
+    args = sm.args
+    max_ctx = min(args.max_position_embeddings, args.sliding_window or args.max_position_embeddings)
+    if n_ctx is not None and (not isinstance(n_ctx, int) or not 16 <= n_ctx <= max_ctx):
+        raise InvalidOptionError(f"n_ctx must be in [16, {max_ctx}], got {n_ctx}")
+    if threads:
+        torch.set_num_threads(threads)
+    compute = DTYPES[dtype] if dtype else dev.default_dtype
+    return load_llm(sm, dev, compute, n_ctx, budget, keep=reconstruct == "keep", max_ctx=max_ctx, progress=progress)
+
+
+def _load_llamacpp(model, device: str, dev: Device, dtype, n_ctx, threads, quantized, budget) -> "LLM":
+    """Load a GGUF file on llama.cpp (backends/llamacpp.py); tokenizer and engine stay edge-rt's."""
+    from backends.llamacpp import LlamaCppBackend
+
+    if dev.kind != "cpu" and device != "auto":
+        raise DeviceError(f"the llamacpp backend runs on the CPU here, not {dev.label}")
+    if dtype is not None or not quantized:
+        raise InvalidOptionError("dtype and quantized do not apply to the llamacpp backend: "
+                                 "llama.cpp runs the GGUF file's own tensor types")
+    if budget is not None:
+        raise InvalidOptionError("budget needs the torch backend (the llamacpp backend loads the whole file)")
+    if resolve_model_path(model).is_dir():
+        raise ModelFormatError(f"{resolve_model_path(model)}: the llamacpp backend needs a GGUF file, not a folder")
+    src = open_model(model)
+    max_ctx = src.args.max_position_embeddings
+    n_ctx = min(max_ctx, DEFAULT_N_CTX) if n_ctx is None else n_ctx
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 16 <= n_ctx <= max_ctx:
+        raise InvalidOptionError(f"n_ctx must be in [16, {max_ctx}], got {n_ctx}")
+    tokenizer = _tokenizer_for(src)
+    t0 = time.perf_counter()
+    backend = LlamaCppBackend(src.path, n_ctx, threads=threads)
+    return LLM(src, tokenizer, backend, resolve_device("cpu"), torch.float32, True, time.perf_counter() - t0)
+
+
 class LLM:
     """A loaded model with its tokenizer, backend and KV cache. See the module docstring."""
 
@@ -178,6 +309,8 @@ class LLM:
         self.quantized = quantized
         self.load_s = load_s
         self.engine = Engine(backend, tokenizer)
+        self._verify_costs: list[float] | None = None  # measured on first speculative use
+        self._drafts: dict[str, "LLM"] = {}  # draft models by path, loaded on first use
 
     # --- text in, text out ------------------------------------------------------------------
 
@@ -237,11 +370,70 @@ class LLM:
                             repetition_penalty=repetition_penalty, seed=seed)
         return GenerationConfig(max_tokens=max_tokens, stop=tuple(stop or ()), sampling=sp, ignore_eos=ignore_eos)
 
-    def stream_pieces(self, prompt: str | Sequence[int], *, chat: bool = False, **options):
+    def speculation(self, speculative=None, references: Sequence[str] | None = None, max_draft: int = 10,
+                    adaptive: bool = True):
+        """The Speculation (drafter + controller) for these options, or None for plain decoding.
+
+        Args:
+            speculative: "none" | "auto" | "ngram" | "reference" | "layerskip" | "draft:PATH".
+            references: documents the reference drafter copies spans from, as text or token ids
+                (method "reference"; "auto" uses it when references are given).
+            max_draft: longest draft (1..16); adaptive: let acceptance and cost choose the length.
+        """
+        from edge_rt.generation import drafters
+        from edge_rt.generation.speculative import Speculation, SpeculativeConfig
+
+        if references is not None and (isinstance(references, str) or
+                                        not all(isinstance(r, (str, list, tuple)) for r in references)):
+            raise InvalidOptionError("references must be a list of strings (or of token id lists)")
+        cfg = SpeculativeConfig.parse(speculative, max_draft=max_draft, adaptive=adaptive)
+        method = cfg.method
+        if method == "none":
+            return None
+        exact = getattr(self.backend, "exact_verify", False)
+        if method == "auto":
+            if not exact:
+                return None  # lossless first: no speculation where verify is not bit-exact
+            method = "reference" if references else "ngram"
+        elif not exact:
+            raise InvalidOptionError(
+                f"speculative decoding on the {self.backend.name} backend with these weights would not be "
+                "bit-exact (its multi-token forward differs from one-token forwards); use speculative='none'")
+        if method == "reference" and not references:
+            raise InvalidOptionError("speculative method 'reference' needs references (documents to copy from)")
+        if method in ("ngram", "reference"):
+            refs = [self.tokenizer.encode(r) if isinstance(r, str) else self._check_ids(r) for r in references or ()]
+            drafter = drafters.NgramDrafter(references=refs)
+        elif method == "draft":
+            drafter = drafters.ModelDrafter(self._draft_model(cfg.draft).backend)
+        else:  # layerskip
+            from edge_rt.generation.layerskip import load_skip_set
+
+            drafter = drafters.LayerSkipDrafter(self.backend, load_skip_set(self))
+        return Speculation(drafter, cfg, self._verify_costs, on_costs=self._keep_costs)
+
+    def _keep_costs(self, costs: list[float]) -> None:
+        self._verify_costs = costs
+
+    def _draft_model(self, path: str) -> "LLM":
+        key = str(path)
+        if key not in self._drafts:
+            draft = load(path, device=self.device.label, n_ctx=self.n_ctx)
+            if not draft.tokenizer.same_vocabulary(self.tokenizer):
+                raise InvalidOptionError(f"draft model {path} has a different vocabulary from the target: "
+                                         "a draft model must use the same tokenizer")
+            self._drafts[key] = draft
+        draft = self._drafts[key]
+        draft.backend.reset()
+        return draft
+
+    def stream_pieces(self, prompt: str | Sequence[int], *, chat: bool = False, speculative=None,
+                      references: Sequence[str] | None = None, max_draft: int = 10, **options):
         """Like `stream`, but yields engine Pieces (text, token_id, finish_reason)."""
         config = self._config(**options)
+        spec = self.speculation(speculative, references, max_draft)
         ids = self._prompt_ids(prompt, chat)
-        return self.engine.generate(ids, config)
+        return self.engine.generate(ids, config, spec)
 
     def stream(self, prompt: str | Sequence[int], *, chat: bool = False, **options) -> Iterator[str]:
         """Yield the completion's text as it is generated. Options as in `generate`."""
@@ -252,7 +444,8 @@ class LLM:
     def generate(self, prompt: str | Sequence[int], *, chat: bool = False, max_tokens: int = 256,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> Completion:
+                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False, speculative: str | None = None,
+                 references: Sequence[str] | None = None, max_draft: int = 10) -> Completion:
         """Complete a prompt (text, or token ids).
 
         Args:
@@ -263,11 +456,16 @@ class LLM:
             top_k, top_p, min_p, repetition_penalty, seed: sampling options.
             stop: stop string(s); the returned text ends before the first match.
             ignore_eos: keep generating past end-of-turn tokens.
+            speculative: lossless speculative decoding: "none" (default), "auto", "ngram" (prompt
+                lookup), "reference" (copy from `references`), "layerskip" or "draft:PATH"; the
+                tokens are exactly those of plain decoding (same seed included), only faster.
+            references: documents for the reference drafter; max_draft: longest draft (1..16).
         Returns:
             Completion(text, token_ids, finish_reason, stats).
         """
         opts = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                    repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos)
+                    repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos,
+                    speculative=speculative, references=references, max_draft=max_draft)
         return self._collect(self.stream_pieces(prompt, chat=chat, **opts))
 
     def _collect(self, pieces) -> Completion:
@@ -284,9 +482,12 @@ class LLM:
         """One assistant reply to OpenAI-style messages [{"role": ..., "content": ...}]."""
         return self._collect(self.stream_chat(messages, **options))
 
-    def stream_chat(self, messages: list[dict], **options):
+    def stream_chat(self, messages: list[dict], *, speculative=None, references: Sequence[str] | None = None,
+                    max_draft: int = 10, **options):
         """Pieces of the assistant reply to `messages` (prefix of the cache is reused)."""
-        return self.engine.generate(self.chat_ids(messages), self._config(**options))
+        config = self._config(**options)
+        spec = self.speculation(speculative, references, max_draft)
+        return self.engine.generate(self.chat_ids(messages), config, spec)
 
     def session(self, system: str | None = None) -> "ChatSession":
         """A chat that keeps its history (and, through prefix reuse, its KV cache)."""
@@ -295,6 +496,39 @@ class LLM:
     def reset(self) -> None:
         """Drop the KV cache."""
         self.engine.reset()
+
+    def resize(self, budget: int | str, kv: str = "refresh") -> dict:
+        """Change the memory budget of a model loaded from a BitStack store, in place.
+
+        Growing reads only the extra blocks from the store; shrinking frees blocks. Open chat
+        sessions go on. The cached positions are recomputed with the new weights on the next call
+        (kv="refresh": the tokens that follow equal a fresh load's at the new budget), or kept as
+        they are (kv="keep": no recompute; later tokens may differ from a fresh load's).
+
+        Args:
+            budget: bytes or a size string ("90MB", "1.5GiB"); "auto" for the free-memory rule.
+            kv: "refresh" or "keep".
+        Returns:
+            {"blocks", "changed_blocks", "seconds", "footprint": {...}}.
+        Raises:
+            InvalidOptionError: not a BitStack model, a budget below the minimum (named), a bad kv.
+        """
+        from offload.bitstack_load import KV_MODES, auto_budget, parse_budget
+
+        stack = getattr(self, "bitstack", None)
+        if stack is None:
+            raise InvalidOptionError("resize needs a model loaded from a BitStack store (edge-rt compress --format bitstack)")
+        if kv not in KV_MODES:
+            raise InvalidOptionError(f"kv must be one of {', '.join(KV_MODES)}, got {kv!r}")
+        b = parse_budget(budget)
+        with self.engine.lock:
+            self.engine._check_idle()
+            if b == "auto":
+                b = min(auto_budget(stack.footprint().total), stack.full_bytes)
+            info = stack.resize(b)
+            if kv == "refresh" and info["changed_blocks"]:
+                self.engine.reset()
+        return info
 
     def perplexity(self, text: str | Sequence[int], window: int | None = None) -> float:
         """Perplexity of text, scored in non-overlapping windows of `window` tokens (default n_ctx)."""
@@ -318,10 +552,17 @@ class LLM:
     def info(self) -> dict:
         from edge_rt.memory.estimate import describe_model
 
-        kv_dtype = self.backend.caches[0].dtype
+        kv_dtype = getattr(self.backend, "kv_dtype", None) or self.backend.caches[0].dtype
         info = describe_model(self.source, dtype=self.dtype, n_ctx=self.n_ctx, kv_dtype=kv_dtype,
                               quantized=self.quantized)
-        return info | {"device": self.device.to_dict(), "load_s": self.load_s}
+        if getattr(self, "bitstack", None) is not None:  # BitStack store: the planned footprint
+            st = self.bitstack
+            info["bitstack"] = {"footprint": st.footprint(budget=st.budget).to_dict(), "min_bytes": st.min_bytes,
+                                "full_bytes": st.full_bytes, "blocks": st.loaded, "total_blocks": len(st.order)}
+        if hasattr(self.backend, "memory_info"):  # a backend that knows its own footprint (llamacpp)
+            info["memory"] |= self.backend.memory_info()
+        return info | {"device": self.device.to_dict(), "load_s": self.load_s,
+                       "backend": getattr(self.backend, "name", "torch")}
 
 
 class ChatSession:
@@ -352,15 +593,17 @@ class ChatSession:
                 )
             del messages[first : first + 2]
 
-    def stream(self, user: str, **options):
+    def stream(self, user: str, *, speculative=None, references: Sequence[str] | None = None, max_draft: int = 10,
+               **options):
         """Yield text pieces of the reply; the turn is added to the history when it ends."""
         config = self.llm._config(**options)  # bad options fail before the history changes
+        spec = self.llm.speculation(speculative, references, max_draft)
         reserve = min(config.max_tokens, self.llm.n_ctx // 2)
         messages, ids = self._fit(self.messages + [{"role": "user", "content": user}], reserve)
         self.messages = messages
         reply = []
         try:
-            for piece in self.llm.engine.generate(ids, config):
+            for piece in self.llm.engine.generate(ids, config, spec):
                 reply.append(piece.text)
                 if piece.text:
                     yield piece.text

@@ -1,0 +1,30 @@
+"""ExecuTorch backend: runs a bundle's .pte (XNNPACK delegate) through executorch.runtime.
+
+The program keeps its KV cache as mutable buffers (static, max_seq positions); each call passes
+the tokens and their positions. See backends/_bundle_common.py for the position bookkeeping.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backends._bundle_common import StaticCacheBackend
+
+
+class ExecuTorchBackend(StaticCacheBackend):
+    name = "executorch"
+
+    def __init__(self, pte_path: Path, manifest: dict):
+        super().__init__(manifest)
+        from executorch.runtime import Runtime  # lazy: optional dependency
+
+        self.path = Path(pte_path)
+        self._program = Runtime.get().load_program(self.path)
+        self._method = self._program.load_method("forward")
+
+    def _run(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        out = self._method.execute([torch.from_numpy(tokens), torch.from_numpy(positions)])
+        return out[0][0].numpy()  # [T, V]

@@ -1,0 +1,220 @@
+"""Endor: unstructured-sparse weights as a bitmap of nonzero positions plus the packed nonzeros.
+
+A pruned [N, K] matrix is stored as records (suffixes of the weight's name, see RECORDS):
+    .bitmap        uint8 [N, ceil(K / 8)]: bit j of byte b is column 8 b + j (numpy "little" order)
+    .values        the nonzeros in row-major order: the weight's own bits (uint16 for bf16/fp16,
+                   float32) or int8 codes
+    .tile_offsets  int64 [n_tiles + 1]: index of the first value of each tile of `tile_rows` rows
+    .scales        float32 [N], only for int8 values: value = code * scale[row]
+The tile offsets make every tile decodable on its own, so decoding runs tile by tile with
+scratch memory bounded by one tile, and tiles can be decoded in parallel on a GPU.
+
+"Nonzero" means nonzero *bits*: a kept -0.0 stays -0.0, pruned positions decode to +0.0, so the
+decoded tensor equals the pruned dense tensor bit for bit (for int8 values: the pruned tensor
+after `quantize_rows`, the reference that test compares to).
+
+Decoding: on CPU with numpy (unpackbits, flatnonzero, one scatter per tile: about 3x faster than
+torch's masked_scatter on CPU), on CUDA with torch (shift-and-mask, masked_scatter).
+Bytes per weight at density d: bf16 values 2 d + 1/8 (1.125 at 50%, 1.78x fewer than dense
+bf16); int8 values d + 1/8 + 4 / K.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+DEFAULT_TILE_ROWS = 256
+RECORDS = ("bitmap", "values", "tile_offsets", "scales")  # record name = target + "." + suffix
+VALUE_TYPES = ("native", "int8")  # native: the weight dtype's own bits; int8: codes + row scales
+# torch dtype -> integer dtype of the same width: values are moved as bit patterns, never as floats
+BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+@dataclass
+class EndorTensor:
+    """One encoded matrix (numpy arrays, ready for a store)."""
+
+    shape: tuple[int, int]
+    dtype: str  # decoded dtype: "bfloat16" | "float16" | "float32"
+    values_type: str  # "native" | "int8"
+    tile_rows: int
+    bitmap: np.ndarray
+    values: np.ndarray
+    tile_offsets: np.ndarray
+    scales: np.ndarray | None = None
+
+    def records(self) -> dict[str, np.ndarray]:
+        out = {"bitmap": self.bitmap, "values": self.values, "tile_offsets": self.tile_offsets}
+        if self.scales is not None:
+            out["scales"] = self.scales
+        return out
+
+    def spec(self) -> dict:
+        """The tensor-table entry a store keeps for this matrix."""
+        return {"format": "endor", "version": FORMAT_VERSION, "shape": list(self.shape), "dtype": self.dtype,
+                "values": self.values_type, "tile_rows": self.tile_rows, "nnz": int(self.tile_offsets[-1])}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.records().values())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: (codes int8 [N, K], scales fp32 [N]); zeros stay zero."""
+    wf = w.float()
+    scale = wf.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The int8 reference: (codes * row scale) in fp32, cast to `dtype`."""
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def encode(w: torch.Tensor, tile_rows: int = DEFAULT_TILE_ROWS, values: str = "native") -> EndorTensor:
+    """Encode a (pruned) 2-D weight. Zero bits are the pruned positions.
+
+    Args:
+        w: [N, K] bfloat16, float16 or float32.
+        tile_rows: rows per tile.
+        values: "native" (the weight's own bits) or "int8" (codes with a scale per row).
+    Returns:
+        The EndorTensor; `decode` gives back `w` bit for bit ("native") or `dequantize_rows`
+        of its codes ("int8").
+    """
+    if w.dim() != 2 or w.dtype not in BITS:
+        raise ValueError(f"Endor encodes 2-D bf16/fp16/fp32 weights, got {tuple(w.shape)} {w.dtype}")
+    if values not in VALUE_TYPES:
+        raise ValueError(f"values must be one of {VALUE_TYPES}, got {values!r}")
+    N, K = w.shape
+    w = w.detach().cpu().contiguous()
+    scales = None
+    if values == "int8":
+        q, s = quantize_rows(w)
+        bits = q.numpy()
+        scales = s.numpy().astype(np.float32)
+    else:
+        bits = w.view(BITS[w.dtype]).numpy()
+    mask = bits != 0  # [N, K]
+    row_nnz = mask.sum(axis=1, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(row_nnz)])
+    n_tiles = -(-N // tile_rows)
+    tile_offsets = starts[np.minimum(np.arange(n_tiles + 1) * tile_rows, N)]
+    return EndorTensor(
+        shape=(N, K), dtype=_dtype_name(w.dtype), values_type=values, tile_rows=tile_rows,
+        bitmap=np.packbits(mask, axis=1, bitorder="little"),
+        values=np.ascontiguousarray(bits[mask]).view(np.uint16 if bits.itemsize == 2 else bits.dtype),
+        tile_offsets=tile_offsets.astype(np.int64), scales=scales,
+    )
+
+
+def decode(parts: dict[str, torch.Tensor], spec: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode one matrix from its records (torch tensors on one device) into `out`.
+
+    Args:
+        parts: suffix -> tensor ("bitmap", "values", "tile_offsets" and "scales" for int8);
+            on CPU they may be views of numpy buffers.
+        spec: the tensor-table entry (`EndorTensor.spec()`).
+        out: optional scratch with at least N*K elements of the decoded dtype; the result is
+            a view of it.
+    Returns:
+        [N, K] tensor of the decoded dtype, on the parts' device.
+    """
+    N, K = spec["shape"]
+    dtype = getattr(torch, spec["dtype"])
+    device = parts["bitmap"].device
+    if out is None:
+        out = torch.empty(N * K, dtype=dtype, device=device)
+    w = out.reshape(-1)[: N * K].view(N, K)
+    if spec["values"] == "int8":
+        codes = torch.empty(N, K, dtype=torch.int8, device=device)
+        _scatter(parts, spec, codes)
+        w.copy_(dequantize_rows(codes, parts["scales"], dtype))
+        return w
+    _scatter(parts, spec, w.view(BITS[dtype]))
+    return w
+
+
+def _scatter(parts: dict[str, torch.Tensor], spec: dict, plane: torch.Tensor) -> None:
+    """Write the values at the bitmap's positions of `plane` (an integer view), zeros elsewhere."""
+    values = parts["values"].view(plane.dtype) if parts["values"].element_size() == plane.element_size() \
+        else parts["values"]
+    if plane.device.type == "cpu":
+        _scatter_numpy(parts["bitmap"].numpy(), values.numpy(), parts["tile_offsets"].numpy(),
+                       spec["tile_rows"], plane.numpy())
+    else:
+        _scatter_torch(parts["bitmap"], values, plane)
+
+
+def _scatter_numpy(bitmap: np.ndarray, values: np.ndarray, offsets: np.ndarray, tile_rows: int,
+                   plane: np.ndarray) -> None:
+    N, K = plane.shape
+    for t in range(len(offsets) - 1):
+        r0, r1 = t * tile_rows, min((t + 1) * tile_rows, N)
+        tile = plane[r0:r1].reshape(-1)  # [rows * K]
+        tile[:] = 0
+        mask = np.unpackbits(bitmap[r0:r1], axis=1, count=K, bitorder="little").reshape(-1).view(np.bool_)
+        pos = np.flatnonzero(mask)
+        if pos.size != offsets[t + 1] - offsets[t]:
+            raise ValueError(f"Endor tile {t}: bitmap has {pos.size} nonzeros, offsets say {offsets[t + 1] - offsets[t]}")
+        tile[pos] = values[offsets[t] : offsets[t + 1]]
+
+
+def decode_rows(parts: dict[str, torch.Tensor], spec: dict, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+    """Decode rows [r0, r1) (r0 a multiple of tile_rows) on CPU straight into `out`, cast to out's dtype.
+
+    Args:
+        parts: the records as CPU tensors.
+        spec: the tensor-table entry.
+        out: [r1 - r0, K] float tensor (the decoded dtype or a wider one, e.g. fp32 for bf16).
+    Returns:
+        out. Equal to decode(parts, spec)[r0:r1].to(out.dtype), bit for bit.
+    """
+    N, K = spec["shape"]
+    tr = spec["tile_rows"]
+    if r0 % tr or r1 > N:
+        raise ValueError(f"rows [{r0}, {r1}) are not tile-aligned for tiles of {tr} rows")
+    dtype = getattr(torch, spec["dtype"])
+    bitmap, offsets = parts["bitmap"].numpy(), parts["tile_offsets"].numpy()
+    t0, t1 = r0 // tr, -(-r1 // tr)
+    lo, hi = int(offsets[t0]), int(offsets[t1])
+    vals = parts["values"][lo:hi]
+    if spec["values"] == "int8":
+        codes = torch.empty(r1 - r0, K, dtype=torch.int8)
+        _scatter_numpy(bitmap[r0:r1], vals.numpy(), offsets[t0 : t1 + 1] - lo, tr, codes.numpy())
+        return out.copy_(dequantize_rows(codes, parts["scales"][r0:r1], dtype))
+    plane, vals = _plane_and_values(out, vals, dtype)
+    _scatter_numpy(bitmap[r0:r1], vals, offsets[t0 : t1 + 1] - lo, tr, plane)
+    return out
+
+
+def _plane_and_values(out: torch.Tensor, vals: torch.Tensor, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """An integer view of `out` and the values as bit patterns of out's dtype (exact widening)."""
+    if out.dtype == dtype:
+        bits = BITS[dtype]
+        return out.view(bits).numpy(), vals.view(bits).numpy()
+    if dtype == torch.bfloat16 and out.dtype == torch.float32:  # bf16 is the top half of fp32
+        return out.view(torch.int32).numpy(), vals.view(torch.int16).numpy().astype(np.int32) << 16
+    wide = vals.view(dtype).to(out.dtype)
+    return out.view(BITS[out.dtype]).numpy(), wide.view(BITS[out.dtype]).numpy()
+
+
+SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def _scatter_torch(bitmap: torch.Tensor, values: torch.Tensor, plane: torch.Tensor) -> None:
+    N, K = plane.shape
+    bits = (bitmap.unsqueeze(-1) >> SHIFTS.to(bitmap.device)) & 1  # [N, K/8, 8]
+    mask = bits.view(N, -1)[:, :K].bool()
+    plane.zero_()
+    plane.masked_scatter_(mask, values)
