@@ -18,6 +18,11 @@ class StaticCacheBackend:
     """Backend protocol over a `_run(tokens [1, T] int64, positions [T] int64) -> logits [T, V]`."""
 
     name = "static"
+    kv_dtype = torch.float32  # the exported caches are fp32 (LLM.info reads this)
+    # Whether a T-token forward's rows equal T one-token forwards bit for bit (speculative decoding
+    # refuses explicit methods where it is False). Set per runtime from measurements
+    # (tests/test_export.py): ExecuTorch/XNNPACK yes; ONNX Runtime no (differences ~1e-5).
+    exact_verify = False
 
     def __init__(self, manifest: dict):
         args = manifest["args"]
@@ -52,6 +57,10 @@ class StaticCacheBackend:
         out = outs if all_logits else outs[-1:]
         return torch.from_numpy(np.ascontiguousarray(np.concatenate(out), dtype=np.float32))
 
+    def verify(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Append tokens; fp32 logits [T, V] (bit-identical to one-token forwards where exact_verify)."""
+        return self.forward(tokens, all_logits=True)
+
     def trim(self, n: int) -> int:
         n = max(0, min(self._pos, int(n)))
         self._pos -= n
@@ -62,3 +71,9 @@ class StaticCacheBackend:
 
     def kv_bytes(self) -> int:
         return self._kv_bytes_full
+
+    def memory_info(self) -> dict:
+        """Footprint facts LLM.info adds: the model file on disk and the static cache."""
+        files = self.manifest.get("files", {})
+        model = files.get(self.manifest.get("model_file"), {})
+        return {"bundle_model_file_bytes": model.get("bytes"), "kv_cache_bytes": self._kv_bytes_full}

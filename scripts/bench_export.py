@@ -34,13 +34,15 @@ from _bench_common import emit, invoked_command, log, machine_info, summarize
 
 
 def _bundle(model, root: Path, fmt: str, quant: str, max_seq: int, reexport: bool) -> tuple[Path, float | None]:
-    from edge_rt.export.exporter import export_bundle
+    from edge_rt.export.exporter import QUANT_METHODS, export_bundle
 
     path = root / f"{fmt}-{quant}-{max_seq}"
     mpath = path / "manifest.json"
     if mpath.is_file() and not reexport:
         m = json.loads(mpath.read_text())
-        if (m["format"], m["quantization"]["mode"], m["max_seq"]) == (fmt, quant, max_seq):
+        method = QUANT_METHODS.get((fmt, quant), "none")  # a bundle from an older quantizer is re-exported
+        if (m["format"], m["quantization"]["mode"], m["max_seq"], m["quantization"]["method"]) == \
+                (fmt, quant, max_seq, method):
             log(f"reusing {path}")
             return path, None
     t0 = time.perf_counter()

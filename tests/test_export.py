@@ -222,9 +222,90 @@ def test_onnx_quantized_bundles_are_smaller_and_close(tmp_path):
             # a broken quantizer (wrong scales, transposed weights) gives >= 1
             rel = ((a - b).norm() / a.norm()).item()
             assert rel <= {"none": 1e-5, "int8": 0.2, "8da4w": 0.8}[q], (q, rel)
-    assert "MatMulInteger" in ops["int8"] or "DynamicQuantizeMatMul" in ops["int8"]
-    assert "MatMulNBits" in ops["8da4w"]
+    assert "MatMulNBits" in ops["int8"] and "MatMulNBits" in ops["8da4w"]
+    assert not {"MatMulInteger", "DynamicQuantizeLinear"} & (ops["int8"] | ops["8da4w"])  # fp32 activations
     assert sizes["8da4w"] < sizes["int8"] < 0.5 * sizes["none"]
+
+
+@pytest.mark.parametrize("qtype,want_bits,grid", [("Q4_1", 4, "asymmetric"), ("Q8_0", 8, "symmetric")])
+def test_blockwise_grid_reproduces_gguf_weights(qtype, want_bits, grid):
+    """The MatMulNBits weights of a GGUF-dequantized matrix equal it (ORT's own product as the check).
+
+    A Q4_1 block is m + d * q (q 0..15), a Q8_0 block d * q (q -127..127), 32 inputs each: the
+    chosen grid contains them, so the quantized product equals the fp32 one up to fp32 rounding.
+    Re-quantizing on a grid that does not contain them (the old symmetric 4-bit / per-channel
+    int8) gives errors ~1e-1 relative here.
+    """
+    import numpy as np
+    import onnxruntime as ort
+    from gguf import GGMLQuantizationType as QT
+    from gguf import quants as gq
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_rt.export.onnx_quant import BLOCK, quantize_matrix
+
+    rng = np.random.default_rng(0)
+    K, N = 128, 96
+    w = gq.dequantize(gq.quantize(rng.standard_normal((N, K)).astype(np.float32), QT[qtype]), QT[qtype]).T  # [K, N]
+    q, s, zp, bits, chosen = quantize_matrix(np.ascontiguousarray(w), 8)
+    assert (bits, chosen) == (want_bits, grid)
+    inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(s, "s")]
+    if zp is not None:
+        inits.append(numpy_helper.from_array(zp, "zp"))
+    node = helper.make_node("MatMulNBits", ["x", "q", "s"] + (["zp"] if zp is not None else []), ["y"],
+                            domain="com.microsoft", K=K, N=N, bits=bits, block_size=BLOCK, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, N])], inits)
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
+                                                                   helper.make_opsetid("com.microsoft", 1)])
+    x = rng.standard_normal((4, K)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    assert np.abs(y - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("qtype,quant", [("Q4_1", "8da4w"), ("Q4_1", "int8"), ("Q8_0", "int8")])
+def test_quantized_bundle_of_gguf_model_matches_dense(qtype, quant, tmp_path):
+    """A quantized ONNX bundle of a GGUF-quantized model gives the dense fp32 reference's logits."""
+    gguf = write_tiny_gguf(tmp_path / "m.gguf", qtype=qtype, seed=3)
+    ref = edge_rt.load(str(gguf), device="cpu", dtype="float32", quantized=False, n_ctx=MAX_SEQ)
+    path = export_bundle(str(gguf), tmp_path / "b", format="onnx", quant=quant, max_seq=MAX_SEQ, max_chunk=8)
+    res = compare_logits(ref.backend, load_bundle(path).backend, _prompt_ids(ref))
+    assert res["top1_agreement"] == 1.0 and res["max_abs_logit_diff"] <= 1e-3, res
+    counts = json.loads((path / "manifest.json").read_text())["quantization"]["matrices"]
+    assert counts["head"] == 1 and counts["layers"] > 0 and counts["kept_fp32"] == 0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_exact_verify_flag_is_measured_and_info_works(fmt, bundles):
+    """exact_verify says whether a T-token forward's rows equal T one-token forwards bit for bit.
+
+    Measured: ExecuTorch (XNNPACK) is row-invariant, so speculative decoding runs and is lossless;
+    ONNX Runtime is not (differences ~1e-5): explicit methods are refused, `auto` decodes plainly.
+    """
+    llm = load_bundle(bundles[fmt])
+    be = llm.backend
+    ids = list(range(5, 25))
+    full = be.forward(ids, all_logits=True)
+    be.reset()
+    steps = torch.cat([be.forward([t]) for t in ids])
+    be.reset()
+    assert be.exact_verify == torch.equal(full, steps)
+    assert be.exact_verify == (fmt == "executorch")  # what was measured when the flags were set
+    plain = llm.generate("Once upon a time", max_tokens=16, ignore_eos=True).token_ids
+    if be.exact_verify:
+        assert llm.generate("Once upon a time", max_tokens=16, ignore_eos=True, speculative="ngram",
+                            max_draft=4).token_ids == plain
+    else:
+        with pytest.raises(InvalidOptionError, match="speculative"):
+            llm.generate("Once", max_tokens=4, speculative="ngram")
+        assert llm.generate("Once upon a time", max_tokens=16, ignore_eos=True,
+                            speculative="auto").token_ids == plain
+    info = llm.info()
+    assert info["backend"] == fmt.replace("onnx", "onnxruntime")
+    assert info["memory"]["kv_cache_bytes"] == be.kv_bytes()
+    model_file = bundles[fmt] / llm.source.metadata["model_file"]
+    assert info["memory"]["bundle_model_file_bytes"] == model_file.stat().st_size
 
 
 def test_cli_export_run_verify(tiny_gguf, bundles, tmp_path):
@@ -280,10 +361,12 @@ def test_real_model_unquantized_bars(fmt, smollm2_path, real_ref, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ("int8", "8da4w"))
 def test_real_model_quantized_bars(quant, smollm2_path, real_ref, tmp_path, pydoc_text):
-    """Quantized ONNX bundles: top-1 >= 95% on the verify prompts, perplexity within 5% of fp32.
+    """Quantized ONNX bundles: top-1 >= 95% on the verify prompts, perplexity within 5% of fp32 (the bars).
 
-    (The ExecuTorch quantized bundles are measured by scripts/bench_export.py: their XNNPACK
-    lowering of the 30-layer model costs minutes per export, too much to repeat in CI.)
+    Measured (edge_rt/export/onnx_quant.py reproduces the Q4_1/Q8_0 weights): top-1 100%, max |diff|
+    ~1e-4. The ExecuTorch quantized bundles (torchao, symmetric re-quantization, int8 activations)
+    do NOT meet the bars (8da4w: top-1 70.9%, docs/EXPORT.md) and are not tested here: their
+    XNNPACK lowering of the 30-layer model costs minutes per export.
     """
     path = export_bundle(smollm2_path, tmp_path / quant, format="onnx", quant=quant, max_seq=REAL_SEQ, max_chunk=32)
     llm = load_bundle(path)

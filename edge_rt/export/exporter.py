@@ -6,18 +6,22 @@ Stages (each reported through `log`, the CLI prints them on stderr with elapsed 
     quantize  ExecuTorch: torchao quantize_ on the nn.Linear layers (before export)
     export    torch.export with a dynamic token count T in 1..max_chunk
     lower     ExecuTorch: to_edge_transform_and_lower(XnnpackPartitioner) + to_executorch
-              ONNX: torch.onnx.export (dynamo), then ONNX Runtime's quantizers for int8 / 8da4w
+              ONNX: torch.onnx.export (dynamo), then edge_rt.export.onnx_quant for int8 / 8da4w
     write     model file, tokenizer files, manifest with sha256 of every file; atomic rename
 
-Quantization schemes (QUANTS): the same arithmetic in both formats, each by its runtime's own tools.
+Quantization schemes (QUANTS), each by its runtime's own tools:
     none   fp32 weights and activations.
-    int8   int8 weights, one scale per output channel, int8 dynamic per-token activations.
-           ExecuTorch: torchao Int8DynamicActivationIntxWeightConfig(int8, PerAxis(0)) -> XNNPACK.
-           ONNX: onnxruntime.quantization.quantize_dynamic (QInt8 per channel, MatMulInteger).
-    8da4w  4-bit weights in groups of 32 inputs (symmetric), int8 dynamic activations.
-           ExecuTorch: torchao Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32)) -> XNNPACK.
-           ONNX: MatMulNBits (block 32, symmetric) with accuracy_level 4 (int8 activations).
-The token embedding stays fp32 (a table lookup); the (tied) output projection is quantized.
+    int8   ExecuTorch: torchao Int8DynamicActivationIntxWeightConfig(int8, PerAxis(0)) -> XNNPACK
+           (int8 per-channel weights, int8 dynamic per-token activations).
+           ONNX: MatMulNBits weights of at most 8 bits in blocks of 32 inputs, fp32 activations.
+    8da4w  ExecuTorch: torchao Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32)) -> XNNPACK
+           (symmetric 4-bit weights, int8 dynamic activations).
+           ONNX: MatMulNBits 4-bit weights in blocks of 32 inputs, the output projection up to 8
+           bits, fp32 activations.
+The ONNX schemes pick per matrix the block grid that reproduces the (GGUF-dequantized) weights
+best, which is exact for Q4_1 and Q8_0 sources (edge_rt/export/onnx_quant.py); they meet the
+quality bars on SmolLM2. The ExecuTorch schemes re-quantize symmetrically with quantized
+activations and do not (docs/EXPORT.md). The token embedding stays fp32 (a table lookup).
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ DEFAULT_MAX_CHUNK = 32  # most tokens per forward: speculative verify chunks and
 QUANT_METHODS = {
     ("executorch", "int8"): "torchao Int8DynamicActivationIntxWeightConfig(weight_dtype=int8, PerAxis(0)), XNNPACK",
     ("executorch", "8da4w"): f"torchao Int8DynamicActivationIntxWeightConfig(weight_dtype=int4, PerGroup({GROUP_SIZE})), XNNPACK",
-    ("onnx", "int8"): "onnxruntime.quantization.quantize_dynamic(QInt8, per_channel, MatMul)",
-    ("onnx", "8da4w"): f"onnxruntime MatMulNBitsQuantizer(block_size={GROUP_SIZE}, symmetric, accuracy_level=4)",
+    ("onnx", "int8"): f"MatMulNBits, weights of at most 8 bits in blocks of {GROUP_SIZE} inputs, per matrix the "
+                      "grid (symmetric / asymmetric, 4 / 8 bits) that reproduces it best; fp32 activations",
+    ("onnx", "8da4w"): f"MatMulNBits, 4-bit weights in blocks of {GROUP_SIZE} inputs (output projection at most 8 "
+                       "bits), per matrix the grid that reproduces it best; fp32 activations",
 }
 
 
@@ -236,25 +242,15 @@ def _export_onnx(wrapper, path: Path, quant: str, max_chunk: int, step) -> dict:
     del program
     if quant != "none":
         step(f"quantize: {QUANT_METHODS[('onnx', quant)]}")
-        _quantize_onnx(fp32, path, quant)
+        io["quantized_matmuls"] = _quantize_onnx(fp32, path, quant, args.vocab_size)
         fp32.unlink()
     return io
 
 
-def _quantize_onnx(src: Path, dst: Path, quant: str) -> None:
-    import onnx
+def _quantize_onnx(src: Path, dst: Path, quant: str, vocab_size: int) -> dict:
+    from edge_rt.export.onnx_quant import quantize_onnx_blockwise
 
-    if quant == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"])
-        return
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=GROUP_SIZE, is_symmetric=True, accuracy_level=4)
-    q.process()
-    q.model.save_model_to_file(str(dst), use_external_data_format=False)
+    return quantize_onnx_blockwise(src, dst, quant, vocab_size)
 
 
 def _manifest(src, tok, format, runtime, model_file, quant, max_seq, max_chunk, io, tok_files, tok_info) -> dict:
@@ -276,8 +272,10 @@ def _manifest(src, tok, format, runtime, model_file, quant, max_seq, max_chunk, 
                         "a speculative draft of k tokens needs k + 1 <= max_chunk",
         "dtype": "float32",
         "quantization": {"mode": quant, "method": QUANT_METHODS.get((format, quant), "none"),
-                         "group_size": GROUP_SIZE if quant == "8da4w" else None,
-                         "embedding": "float32"},
+                         "group_size": None if quant == "none" or (format, quant) == ("executorch", "int8")
+                         else GROUP_SIZE,
+                         "embedding": "float32",
+                         "matrices": io.pop("quantized_matmuls", None)},  # ONNX: count per grid
         "io": io,
         "tokenizer": tok_info,
         "chat_template": "chat_template.jinja",
