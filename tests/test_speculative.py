@@ -267,7 +267,8 @@ def test_ngram_index_finds_the_longest_earlier_match_and_copies_through_the_end(
     idx = NgramIndex(3, [1, 2, 3, 4, 1, 2, 3])
     n, start = idx.match([1, 2, 3])
     assert (n, start) == (3, 3)  # "1 2 3" was followed by 4
-    assert idx.copy(start, 6) == [4, 1, 2, 3, 4, 1]  # runs into the end and repeats the cycle
+    assert idx.copy(start, 6, wrap=True) == [4, 1, 2, 3, 4, 1]  # the context: runs into its end, repeats the cycle
+    assert idx.copy(start, 6, wrap=False) == [4, 1, 2, 3]  # a reference just ends
     assert idx.match([9]) == (0, -1)
     d = NgramDrafter(max_n=3, references=[[7, 8, 9, 10, 11]])
     d.begin([5, 6, 8, 9])

@@ -61,10 +61,17 @@ class NgramIndex:
                 return n, c
         return 0, -1
 
-    def copy(self, start: int, k: int) -> list[int]:
-        """k tokens from `start`; a continuation that runs into the end repeats itself (like LZ77)."""
-        out: list[int] = []
+    def copy(self, start: int, k: int, wrap: bool) -> list[int]:
+        """Up to k tokens from `start`.
+
+        wrap: the sequence is the context itself, so a continuation that runs into its end goes on
+        with the draft's own tokens (like LZ77: the text after the match is the text being guessed);
+        a reference document just ends.
+        """
         toks = self.tokens
+        if not wrap:
+            return toks[start : start + k]
+        out: list[int] = []
         for i in range(k):
             j = start + i
             out.append(toks[j] if j < len(toks) else out[j - len(toks)])
@@ -101,7 +108,7 @@ class NgramDrafter:
         n, index, start = best
         if not n or k <= 0:
             return Draft()
-        return Draft(index.copy(start, k), level=n)
+        return Draft(index.copy(start, k, wrap=index is self.context), level=n)
 
 
 class ModelDrafter:
