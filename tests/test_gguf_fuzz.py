@@ -79,6 +79,18 @@ def _run_case(path: Path, dtype: str) -> str:
 
 
 def _peak_rss() -> int:
+    """This worker's peak resident memory in bytes.
+
+    Linux: VmHWM of /proc/self/status, which starts afresh at exec. ru_maxrss would not do: a child
+    forked from a large pytest process (late in the full suite) inherits the parent's high-water mark.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

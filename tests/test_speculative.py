@@ -346,3 +346,13 @@ def test_cli_speculative_run_matches_plain_and_reports_stats(tiny, tmp_path):
                      (["--speculative", "reference", "--reference", str(tmp_path / "none.txt")], "cannot read")):
         r = run(*bad)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_engine_notices_a_backend_driven_directly(tiny):
+    """Driving llm.backend by hand (as `edge-rt verify` does) must not let prefix reuse trust a stale mirror."""
+    ids = _prompts(1, seed=8)[0]
+    tiny.reset()
+    want = tiny.generate(ids, max_tokens=12, ignore_eos=True).token_ids
+    tiny.backend.reset()
+    tiny.backend.forward([7, 8, 9])  # the engine's mirror still lists the previous prompt
+    assert tiny.generate(ids, max_tokens=12, ignore_eos=True).token_ids == want

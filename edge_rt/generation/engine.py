@@ -133,6 +133,9 @@ class Engine:
                 f"prompt has {len(ids)} tokens but the context holds {self.n_ctx}; "
                 "shorten it or load with a larger n_ctx"
             )
+        if self.backend.position != len(self.tokens):  # the backend was driven directly: the mirror is stale
+            self.backend.reset()
+            self.tokens = []
         keep = min(_common_prefix(self.tokens, ids), len(ids) - 1)  # re-run >= 1 token for its logits
         self.backend.trim(self.backend.position - keep)
         del self.tokens[keep:]
