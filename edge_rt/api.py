@@ -109,6 +109,17 @@ def _checked(src: ModelSource) -> ModelSource:
     return src
 
 
+def _max_ctx(args) -> int:
+    """Longest context edge-rt runs: sliding-window attention (Mistral) is not implemented, so stay within the window."""
+    return min(args.max_position_embeddings, args.sliding_window or args.max_position_embeddings)
+
+
+def _check_n_ctx(n_ctx, max_ctx: int) -> None:
+    """Refuse an n_ctx outside [16, max_ctx] (None means: choose the default)."""
+    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 16 <= n_ctx <= max_ctx):
+        raise InvalidOptionError(f"n_ctx must be in [16, {max_ctx}], got {n_ctx}")
+
+
 def _tokenizer_for(src: ModelSource):
     from edge_rt.loading.tokenizer import Tokenizer
 
@@ -179,12 +190,10 @@ def load(model: str | os.PathLike | None = None, device: str = "auto", *, dtype:
         return load_bundle(model, threads=threads, n_ctx=n_ctx)
     src = open_model(model)
     args = src.args
-    # sliding-window attention (Mistral) is not implemented: stay within the window
-    max_ctx = min(args.max_position_embeddings, args.sliding_window or args.max_position_embeddings)
+    max_ctx = _max_ctx(args)
     if n_ctx is None:
         n_ctx = min(max_ctx, DEFAULT_N_CTX)
-    if not isinstance(n_ctx, int) or not 16 <= n_ctx <= max_ctx:
-        raise InvalidOptionError(f"n_ctx must be in [16, {max_ctx}], got {n_ctx}")
+    _check_n_ctx(n_ctx, max_ctx)
     if budget is not None:
         _check_whole_model_budget(src, dev, dtype, n_ctx, quantized, budget, cpu_budget)
     tokenizer = _tokenizer_for(src)
@@ -225,9 +234,8 @@ def _load_store(path, dev: Device, dtype, n_ctx, threads, budget, cpu_budget, pr
 
     sm = open_store_model(path)
     args = sm.args
-    max_ctx = min(args.max_position_embeddings, args.sliding_window or args.max_position_embeddings)
-    if n_ctx is not None and (not isinstance(n_ctx, int) or not 16 <= n_ctx <= max_ctx):
-        raise InvalidOptionError(f"n_ctx must be in [16, {max_ctx}], got {n_ctx}")
+    max_ctx = _max_ctx(args)
+    _check_n_ctx(n_ctx, max_ctx)
     if n_ctx is None and budget is None:
         n_ctx = min(max_ctx, DEFAULT_N_CTX)
     if threads:
@@ -262,9 +270,8 @@ def _load_bitstack(path, dev: Device, dtype, n_ctx, threads, budget, cpu_budget,
         raise InvalidOptionError(f"reconstruct must be one of {', '.join(RECONSTRUCT)}, got {reconstruct!r}")
     sm = open_store_model(path)
     args = sm.args
-    max_ctx = min(args.max_position_embeddings, args.sliding_window or args.max_position_embeddings)
-    if n_ctx is not None and (not isinstance(n_ctx, int) or not 16 <= n_ctx <= max_ctx):
-        raise InvalidOptionError(f"n_ctx must be in [16, {max_ctx}], got {n_ctx}")
+    max_ctx = _max_ctx(args)
+    _check_n_ctx(n_ctx, max_ctx)
     if threads:
         torch.set_num_threads(threads)
     compute = DTYPES[dtype] if dtype else dev.default_dtype
@@ -287,8 +294,7 @@ def _load_llamacpp(model, device: str, dev: Device, dtype, n_ctx, threads, quant
     src = open_model(model)
     max_ctx = src.args.max_position_embeddings
     n_ctx = min(max_ctx, DEFAULT_N_CTX) if n_ctx is None else n_ctx
-    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 16 <= n_ctx <= max_ctx:
-        raise InvalidOptionError(f"n_ctx must be in [16, {max_ctx}], got {n_ctx}")
+    _check_n_ctx(n_ctx, max_ctx)
     tokenizer = _tokenizer_for(src)
     t0 = time.perf_counter()
     backend = LlamaCppBackend(src.path, n_ctx, threads=threads)

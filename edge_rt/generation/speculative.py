@@ -224,6 +224,7 @@ def speculative_tokens(backend, drafter, controller: DraftController, sampler: S
     yield tok
     made = 1
     drafter.begin(history)
+    model_level = getattr(drafter, "level", None)  # model drafters have one level; lookups report theirs
     while made < max_tokens:
         room = backend.n_ctx - backend.position - 1  # positions left after the pending token
         if room < 0:
@@ -232,9 +233,8 @@ def speculative_tokens(backend, drafter, controller: DraftController, sampler: S
         limit = min(room, max_tokens - made - 1)
         draft = Draft()
         if limit > 0:
-            level = getattr(drafter, "level", None)
-            if level is not None:  # a model drafter: decide k first, drafting costs per token
-                k = controller.length(level, limit)
+            if model_level is not None:  # a model drafter: decide k first, drafting costs per token
+                k = controller.length(model_level, limit)
                 draft = drafter.propose(history, k) if k else Draft()
             else:  # a lookup: see what it finds, then decide how much of it to verify
                 probe = drafter.propose(history, controller.max_draft)
@@ -242,7 +242,7 @@ def speculative_tokens(backend, drafter, controller: DraftController, sampler: S
                 draft = Draft(probe.tokens[:k], None if probe.probs is None else probe.probs[:k], probe.level)
         t1 = time.perf_counter()
         stats.draft_s += t1 - t0
-        if getattr(drafter, "level", None) is not None and draft.tokens:
+        if model_level is not None and draft.tokens:
             controller.observe_draft(len(draft.tokens), t1 - t0)
         chunk = [tok] + draft.tokens
         rows = backend.verify(chunk)  # [k + 1, V]
