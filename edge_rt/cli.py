@@ -67,8 +67,10 @@ def _check_options(opts: dict, device: str, spec: dict | None = None) -> None:
 
 
 # Lossless speculative decoding (docs/SPECULATIVE.md).
-SpecOpt = typer.Option("none", "--speculative", "-s",
-                       help="none | auto | ngram | reference | layerskip | draft:PATH (same output, faster)")
+# The default is "auto": lossless, so it only changes the speed (plain decoding where verify is not
+# bit-exact, drafting switched off by the controller where it does not pay).
+SpecOpt = typer.Option("auto", "--speculative", "-s",
+                       help="auto (default) | none | ngram | reference | layerskip | draft:PATH (same output, faster)")
 ReferenceOpt = typer.Option(None, "--reference", help="file whose text may be copied into the answer (repeatable)")
 MaxDraftOpt = typer.Option(10, "--max-draft", help="longest draft verified in one forward (1..16)")
 

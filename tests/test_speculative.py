@@ -335,10 +335,14 @@ def test_cli_speculative_run_matches_plain_and_reports_stats(tiny, tmp_path):
                            timeout=300)
         return r
 
-    plain, fast = run(), run("--speculative", "reference", "--reference", str(ref), "--max-draft", "6")
-    assert plain.returncode == fast.returncode == 0, fast.stderr
+    plain, fast = run("--speculative", "none"), run("--speculative", "reference", "--reference", str(ref),
+                                                    "--max-draft", "6")
+    default = run()  # the CLI default is "auto": same tokens as plain
+    assert plain.returncode == fast.returncode == default.returncode == 0, fast.stderr + default.stderr
     p, f = json.loads(plain.stdout.splitlines()[-1]), json.loads(fast.stdout.splitlines()[-1])
-    assert f["token_ids"] == p["token_ids"] and p["speculative"] is None
+    d = json.loads(default.stdout.splitlines()[-1])
+    assert f["token_ids"] == p["token_ids"] == d["token_ids"] and p["speculative"] is None
+    assert d["speculative"]["method"] in ("ngram", "reference")  # what auto picked
     sp = f["speculative"]
     assert sp["method"] == "reference" and sp["verify_steps"] + sp["plain_steps"] >= 1
     assert {"acceptance_rate", "mean_accepted_per_verify", "draft_s", "accepted_length_histogram"} <= set(sp)
