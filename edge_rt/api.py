@@ -221,7 +221,8 @@ def _check_whole_model_budget(src, dev, dtype, n_ctx, quantized, budget, cpu_bud
         raise InvalidOptionError("cpu_budget needs a weight store (edge-rt compress MODEL -o STORE)")
     compute = DTYPES[dtype] if dtype else dev.default_dtype
     kv_dtype = torch.float32 if dev.kind == "cpu" else compute
-    need = describe_model(src, compute, n_ctx, kv_dtype=kv_dtype, quantized=quantized)["memory"]["total_bytes"]
+    need = describe_model(src, compute, n_ctx, kv_dtype=kv_dtype, quantized=quantized,
+                          device=dev.torch_device)["memory"]["total_bytes"]
     if need > budget:
         raise InvalidOptionError(
             f"budget {format_size(budget)} is below the {format_size(need)} this model file needs in memory; "
@@ -560,7 +561,7 @@ class LLM:
 
         kv_dtype = getattr(self.backend, "kv_dtype", None) or self.backend.caches[0].dtype
         info = describe_model(self.source, dtype=self.dtype, n_ctx=self.n_ctx, kv_dtype=kv_dtype,
-                              quantized=self.quantized)
+                              quantized=self.quantized, device=self.device.torch_device)
         if getattr(self, "bitstack", None) is not None:  # BitStack store: the planned footprint
             st = self.bitstack
             info["bitstack"] = {"footprint": st.footprint(budget=st.budget).to_dict(), "min_bytes": st.min_bytes,

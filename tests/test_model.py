@@ -239,6 +239,24 @@ def test_estimate_matches_loaded_bytes(smollm2_path):
     assert src.args.num_parameters() == pytest.approx(134.5e6, rel=0.01)
 
 
+def test_estimate_follows_the_dense_int4_fallback(smollm2_path, monkeypatch):
+    """Where no packed int4 kernel runs (MPS, CUDA fp16), Int4Linear holds a dequantized weight: the
+    estimate for that device must count it (it once counted packed bytes, 3.5x too few)."""
+    from edge_rt.api import open_model
+    from edge_rt.loading import weights
+    from edge_rt.memory import estimate
+
+    src = open_model(smollm2_path)
+    packed = estimate.weight_bytes(src.tensors, src.args, torch.bfloat16, device=CPU)
+    monkeypatch.setattr(weights, "int4_kernel_for", lambda device, dtype, k: ("dense", 8))
+    monkeypatch.setattr(estimate, "int4_kernel_for", lambda device, dtype, k: ("dense", 8))
+    model = build_model(src.args, src.tensors, torch.bfloat16, CPU, 256)
+    loaded = sum(t.numel() * t.element_size() for n, t in
+                 list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n != "rope"])
+    est = estimate.weight_bytes(src.tensors, src.args, torch.bfloat16, device=CPU)
+    assert est == loaded and est > 2 * packed
+
+
 def test_gguf_rope_freqs_tensor_scales_frequencies(tmp_path):
     """Llama 3.1-style rope_freqs divisors: all 2.0 must equal linear rope scaling by 2."""
     from edge_rt.models.llama import rope_table

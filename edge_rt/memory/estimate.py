@@ -10,7 +10,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from edge_rt.loading.quants import INT4_TYPES
-from edge_rt.loading.weights import INT4_GROUP
+from edge_rt.loading.weights import INT4_GROUP, int4_kernel_for
 
 ACTIVATION_TOKENS = 512  # the prefill chunk (backends.torch_backend.PREFILL_CHUNK)
 
@@ -26,19 +26,33 @@ def _numel(shape) -> int:
     return n
 
 
-def linear_bytes(srcs, dtype: torch.dtype, quantized: bool) -> int:
-    """Bytes of one (possibly fused) linear weight once loaded."""
+def _kernel(device: torch.device | None, dtype: torch.dtype, in_features: int) -> str:
+    """The int4 kernel the loader would pick (weights.int4_kernel_for); no device: a packed one."""
+    return "packed" if device is None else int4_kernel_for(device, dtype, in_features)[0]
+
+
+def linear_bytes(srcs, dtype: torch.dtype, quantized: bool, device: torch.device | None = None) -> int:
+    """Bytes of one (possibly fused) linear weight once loaded on `device`.
+
+    Where no packed int4 kernel runs (MPS, fp16 or pre-Ampere CUDA) an Int4Linear holds its weight
+    dequantized in `dtype`; a Q8_0 weight then has the two 4-bit halves' width (2 K).
+    """
     N = sum(int(s.shape[0]) for s in srcs)
     K = int(srcs[0].shape[1])
     packed = quantized and dtype in (torch.float16, torch.bfloat16)
     if packed and all(s.qtype in INT4_TYPES for s in srcs):
+        if _kernel(device, dtype, K) == "dense":
+            return N * K * _elt(dtype)
         return N * K // 2 + 2 * (N * K // INT4_GROUP) * _elt(dtype)
     if packed and all(s.qtype == QT.Q8_0 for s in srcs):
+        if _kernel(device, dtype, 2 * K) == "dense":
+            return 2 * N * K * _elt(dtype)
         return N * K + 2 * (2 * N * K // INT4_GROUP) * _elt(dtype)  # two 4-bit halves
     return N * K * _elt(dtype)
 
 
-def weight_bytes(tensors: dict, args, dtype: torch.dtype, quantized: bool = True) -> int:
+def weight_bytes(tensors: dict, args, dtype: torch.dtype, quantized: bool = True,
+                 device: torch.device | None = None) -> int:
     total = 0
     for target, parts in tensors.items():
         srcs = [s for _, s in sorted(parts, key=lambda p: p[0])]
@@ -51,9 +65,9 @@ def weight_bytes(tensors: dict, args, dtype: torch.dtype, quantized: bool = True
             n = _numel(srcs[0].shape)
             total += n + 4 * n // INT4_GROUP if packed else n * _elt(dtype)
             if "lm_head.weight" not in tensors and packed:
-                total += linear_bytes(srcs, dtype, quantized)
+                total += linear_bytes(srcs, dtype, quantized, device)
         else:
-            total += linear_bytes(srcs, dtype, quantized)
+            total += linear_bytes(srcs, dtype, quantized, device)
     return total
 
 
@@ -70,10 +84,11 @@ def activation_bytes(args, dtype: torch.dtype) -> int:
 
 
 def describe_model(source, dtype: torch.dtype, n_ctx: int, kv_dtype: torch.dtype = torch.float32,
-                   quantized: bool = True) -> dict:
-    """Architecture, size and memory needed to load `source` (an api.ModelSource)."""
+                   quantized: bool = True, device: torch.device | None = None) -> dict:
+    """Architecture, size and memory needed to load `source` (an api.ModelSource) on `device`
+    (None: where the packed int4 kernels run)."""
     args = source.args
-    w = weight_bytes(source.tensors, args, dtype, quantized)
+    w = weight_bytes(source.tensors, args, dtype, quantized, device)
     kv = kv_bytes(args, n_ctx, kv_dtype)
     act = activation_bytes(args, dtype)
     file_bytes = source.path.stat().st_size if source.path.is_file() else sum(
