@@ -3,8 +3,9 @@
 The fixed weights (embedding, norms, output head, biases) are read once. Every block's linear
 layers become `OffloadLinear` modules whose stored records (dense weight, or Endor bitmap +
 values) are handed to them by a forward pre-hook on the block: from device memory for resident
-layers, from the streamer for the others. Endor records are decoded just before use into one
-shared scratch matrix, so a layer never exists decoded in full.
+layers, from the streamer for the others. On CPU a linear layer's output rows are computed in
+chunks by a pool of worker threads (`LinearPool`), each decoding its chunk of Endor rows just
+before use into its own small scratch, so a layer never exists decoded in full.
 
 The store's tensor table (meta["tensors"]: target -> {"format", "shape", "dtype", "layer", ...})
 says what each target is made of; nothing is inferred from record names.
@@ -12,6 +13,9 @@ says what each target is made of; nothing is inferred from record names.
 
 from __future__ import annotations
 
+import functools
+import itertools
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -25,7 +29,7 @@ from edge_rt.models.linear import swap_linear
 from edge_rt.models.llama import Transformer, rope_table
 from offload import endor
 from offload.store import RecordInfo, Store, StoreModel
-from offload.streamer import Streamer
+from offload.streamer import Streamer, read_span
 
 LAYER_MODULES = ("attn.wqkv", "attn.wo", "ffn.w13", "ffn.w2")  # offload.prune.PRUNED: the streamed linears
 
@@ -67,8 +71,9 @@ def layer_records(store: Store, table: dict) -> dict[int, dict[str, RecordInfo]]
 
 
 def scratch_elements(table: dict, stored: torch.dtype, compute: torch.dtype, device_kind: str) -> int:
-    """Elements of the shared scratch: CPU, chunks of about SCRATCH_ELEMENTS; accelerators, the
-    largest matrix that is decoded or widened (Endor weights, or stored dtype != compute dtype)."""
+    """Elements of one worker's scratch: CPU, a chunk of at most SCRATCH_ELEMENTS weights;
+    accelerators, the largest matrix that is decoded or widened (Endor weights, or stored dtype
+    != compute dtype). 0 when every weight is used as stored."""
     need = [s for t, s in table.items() if s.get("layer") is not None and
             (s["format"] == "endor" or getattr(torch, s["dtype"]) != compute)]
     if stored != compute and "lm_head.weight" not in table:  # the tied head is widened too
@@ -79,13 +84,19 @@ def scratch_elements(table: dict, stored: torch.dtype, compute: torch.dtype, dev
         return 0
     if device_kind != "cpu":
         return max(s["shape"][0] * s["shape"][1] for s in need)
-    first = [row_chunks(s["shape"][0], s["shape"][1], s.get("tile_rows") if s["format"] == "endor" else CHUNK_ROWS,
-                        SCRATCH_ELEMENTS)[0] for s in need]
-    return max((r1 - r0) * s["shape"][1] for (r0, r1), s in zip(first, need))
+    return max(max(r1 - r0 for r0, r1 in row_chunks(s["shape"][0], s["shape"][1], _unit(s), SCRATCH_ELEMENTS))
+               * s["shape"][1] for s in need)
 
 
-def model_layout(store: Store, args, compute: torch.dtype, kv_dtype: torch.dtype, device_kind: str) -> ModelLayout:
-    """The planner's view of a store."""
+def linear_workers(device_kind: str) -> int:
+    """Threads that compute the linear layers: on CPU torch's intra-op thread count (each worker
+    runs one intra-op thread), elsewhere 1 (the caller's thread queues the work)."""
+    return max(torch.get_num_threads(), 1) if device_kind == "cpu" else 1
+
+
+def model_layout(store: Store, args, compute: torch.dtype, kv_dtype: torch.dtype, device_kind: str,
+                 workers: int | None = None) -> ModelLayout:
+    """The planner's view of a store (`workers`: linear_workers(device_kind) when None)."""
     table = tensor_table(store)
     layers = layer_records(store, table)
     if sorted(layers) != list(range(args.num_hidden_layers)):
@@ -94,10 +105,12 @@ def model_layout(store: Store, args, compute: torch.dtype, kv_dtype: torch.dtype
     fixed = sum(r.nbytes for t, s in table.items() if s.get("layer") is None
                 for r in target_records(store, t, s).values())
     stored = getattr(torch, store.meta.get("dtype", "bfloat16"))
-    scratch = scratch_elements(table, stored, compute, device_kind) * _elt(compute)
+    workers = linear_workers(device_kind) if workers is None else workers
+    scratch = workers * scratch_elements(table, stored, compute, device_kind) * _elt(compute)
     return ModelLayout(
         fixed_bytes=fixed,
-        layers=tuple(LayerWeights(i, sum(r.nbytes for r in layers[i].values())) for i in range(args.num_hidden_layers)),
+        layers=tuple(LayerWeights(i, sum(r.nbytes for r in layers[i].values()), read_span(layers[i].values()))
+                     for i in range(args.num_hidden_layers)),
         decode_scratch_bytes=scratch,
         kv_bytes_per_position=2 * args.num_hidden_layers * args.kv_dim * _elt(kv_dtype),
         hidden_size=args.hidden_size, widest=max(2 * args.intermediate_size, args.q_dim + 2 * args.kv_dim),
@@ -105,53 +118,179 @@ def model_layout(store: Store, args, compute: torch.dtype, kv_dtype: torch.dtype
     )
 
 
-SCRATCH_ELEMENTS = 1 << 19  # CPU: rows are decoded / widened in chunks of about this many weights
+SCRATCH_ELEMENTS = 1 << 19  # CPU: rows are decoded / widened / multiplied in chunks of at most this many weights
 # Dense chunks are aligned like Endor tiles (endor.DEFAULT_TILE_ROWS), so a dense store and an
 # Endor store of the same weights run the same chunked products: bit-identical logits.
 CHUNK_ROWS = endor.DEFAULT_TILE_ROWS
 
 
-def row_chunks(n_rows: int, k: int, tile_rows: int | None, scratch_elements: int) -> list[tuple[int, int]]:
-    """Row ranges of at most `scratch_elements` weights (whole Endor tiles, at least one tile or row)."""
-    step = max(scratch_elements // k, 1)
-    if tile_rows:
-        step = max(step // tile_rows, 1) * tile_rows
-    return [(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
+def _unit(spec: dict) -> int:
+    """Rows a chunk boundary must be a multiple of: the Endor tile, or CHUNK_ROWS for dense weights."""
+    return spec["tile_rows"] if spec["format"] == "endor" else CHUNK_ROWS
+
+
+def row_chunks(n_rows: int, k: int, unit: int, max_elements: int, parts: int = 1) -> list[tuple[int, int]]:
+    """Row ranges of whole `unit`s (the last may be short) of at most `max_elements` weights (at
+    least one unit), as even as the units allow; their number a multiple of `parts` where the
+    units allow it (so `parts` workers get equal shares)."""
+    units = -(-n_rows // unit)
+    per = max(max_elements // (k * unit), 1)  # units per chunk at most
+    n = min(max(-(-units // per), parts), units)
+    if n % parts and -(-n // parts) * parts <= units:
+        n = -(-n // parts) * parts
+    bounds = [min(i * units // n * unit, n_rows) for i in range(n)] + [n_rows]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@dataclass
+class _Job:
+    fn: object  # fn(i, scratch)
+    n: int
+    counter: object  # itertools.count: the next chunk to take (next() is atomic under the GIL)
+    inference: bool  # inference / grad mode are per thread: helpers take the caller's
+    grad: bool
+    error: BaseException | None = None
+
+
+class LinearPool:
+    """Computes the row chunks of the offloaded linear layers on `workers` threads: the calling
+    thread and workers - 1 helpers, each with its own scratch (a chunk of decoded / widened rows).
+
+    On CPU every worker runs torch with one intra-op thread: decoding a chunk (numpy + torch, GIL
+    released) and its product run in parallel across chunks, and no intra-op thread pool spins
+    beside them (one-row bf16 products on 2 intra-op threads cost 30-40x the CPU time of one
+    thread here: docs/OFFLOAD.md). The model's forward runs with one intra-op thread on the
+    calling thread for the same reason (`single_intra_op_thread`). On accelerators there is one
+    worker, the calling thread, which only queues the work.
+    """
+
+    def __init__(self, workers: int, scratch_elements: int, dtype: torch.dtype, device: torch.device):
+        self.workers = workers
+        self.scratch = [torch.empty(max(scratch_elements, 1), dtype=dtype, device=device) for _ in range(workers)]
+        self._job: _Job | None = None
+        self._go = [threading.Semaphore(0) for _ in range(workers - 1)]
+        self._done = threading.Semaphore(0)  # one release per helper per job
+        self._waiting = 0  # helpers of the current job the caller has not yet seen finish
+        threads = torch.get_num_threads()
+        self._threads = [threading.Thread(target=self._work, args=(k,), name=f"edge-rt-linear-{k + 1}", daemon=True)
+                         for k in range(workers - 1)]
+        for t in self._threads:
+            t.start()
+        for _ in self._threads:  # each helper has set its intra-op threads (which also sets torch's
+            self._done.acquire()  # default for new threads): restore that default
+        torch.set_num_threads(threads)
+
+    def run(self, fn, n: int) -> None:
+        """Call fn(i, scratch) for i in range(n), spread over the workers; return when all are done."""
+        self._wait_helpers()  # a call interrupted while waiting (Ctrl-C): its helpers finish first
+        helpers = min(len(self._threads), n - 1)
+        job = _Job(fn, n, itertools.count(), torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        self._job, self._waiting = job, helpers
+        for k in range(helpers):
+            self._go[k].release()
+        try:
+            self._take(job, self.scratch[0])
+        finally:
+            self._wait_helpers()
+            self._job = None
+        if job.error is not None:
+            raise job.error
+
+    def _take(self, job: _Job, scratch: torch.Tensor) -> None:
+        try:
+            while job.error is None and (i := next(job.counter)) < job.n:
+                job.fn(i, scratch)
+        except BaseException as e:  # the caller raises it once every worker has stopped
+            job.error = job.error or e
+
+    def _wait_helpers(self) -> None:
+        while self._waiting:
+            self._done.acquire()
+            self._waiting -= 1
+
+    def _work(self, k: int) -> None:
+        torch.set_num_threads(1)  # this thread's intra-op threads (the caller's are left alone)
+        self._done.release()
+        while True:
+            self._go[k].acquire()
+            job = self._job
+            if job is None:
+                return
+            with torch.inference_mode(job.inference), torch.set_grad_enabled(job.grad):
+                self._take(job, self.scratch[k + 1])
+            self._done.release()
+
+    def close(self) -> None:
+        """Stop the helper threads and wait for them (idempotent). Runs at interpreter exit too
+        (weakref.finalize): a helper still alive when the interpreter finalizes can abort the process."""
+        self._wait_helpers()
+        self._job = None
+        for g in self._go:
+            g.release()
+        for t in self._threads:
+            t.join()
+        self._go = []
+        self._threads = []
+
+    @property
+    def native_ids(self) -> list[int]:
+        """OS thread ids of the helpers (for per-thread CPU accounting)."""
+        return [t.native_id for t in self._threads]
+
+
+def single_intra_op_thread(model: nn.Module) -> None:
+    """Run `model`'s forward with one torch intra-op thread on the calling thread (restored after)."""
+    forward, ref = type(model).forward, weakref.ref(model)  # no reference cycle through the instance
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        n = torch.get_num_threads()
+        if n == 1:
+            return forward(ref(), *args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return forward(ref(), *args, **kwargs)
+        finally:
+            torch.set_num_threads(n)
+
+    model.forward = run
 
 
 class OffloadLinear(nn.Module):
-    """A linear layer whose stored weight records are set per use (`parts`) by its block's hook.
+    """A linear layer whose stored weight records are set per use (`held.parts`) by its block's hooks.
 
-    When the weight can be used as stored (dense, compute dtype = stored dtype) it is. Otherwise
-    (Endor, or bf16 weights computed in fp32) the weight is decoded / widened chunk by chunk of
-    rows into the shared scratch, and each chunk's outputs are computed from it.
+    On CPU the output rows are computed in chunks (whole Endor tiles, at most SCRATCH_ELEMENTS
+    weights, their number a multiple of the pool's workers) by the LinearPool: a dense weight in
+    the compute dtype is used in place, others (Endor; bf16 weights computed in fp32) are decoded
+    / widened into the worker's scratch first. On accelerators there is one chunk: the whole matrix.
     """
 
-    def __init__(self, key: str, spec: dict, bias: torch.Tensor | None, scratch: list, compute: torch.dtype,
+    def __init__(self, key: str, spec: dict, bias: torch.Tensor | None, pool: LinearPool, compute: torch.dtype,
                  chunked: bool):
         super().__init__()
         self.key, self.spec = key, spec  # key: "attn.wqkv.weight" (record names are key + suffix)
         self.out_features, self.in_features = spec["shape"]
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute))
-        self.scratch = scratch  # [tensor]: shared by every OffloadLinear of the model
+        self.pool = pool  # shared by every OffloadLinear of the model
         self.compute = compute
         self.in_place = spec["format"] == "dense" and getattr(torch, spec["dtype"]) == compute
-        tile = spec.get("tile_rows") if spec["format"] == "endor" else CHUNK_ROWS
-        n_scratch = scratch[0].numel()
-        self.chunks = row_chunks(self.out_features, self.in_features, tile, n_scratch) if chunked else \
-            [(0, self.out_features)]
-        self.parts: dict[str, torch.Tensor] | None = None
+        self.chunks = row_chunks(self.out_features, self.in_features, _unit(spec), SCRATCH_ELEMENTS, pool.workers) \
+            if chunked else [(0, self.out_features)]
+        self.held: BlockRecords | None = None  # set by the block's hooks (_hook_blocks)
 
     def _parts(self) -> dict[str, torch.Tensor]:
-        if self.parts is None:
+        parts = None if self.held is None else self.held.parts
+        if parts is None:
             raise RuntimeError(f"{self.key}: weights used outside their block's forward")
         if self.spec["format"] == "dense":
-            return {"": self.parts[self.key]}
-        return {s: self.parts[f"{self.key}.{s}"] for s in endor.RECORDS if f"{self.key}.{s}" in self.parts}
+            return {"": parts[self.key]}
+        return {s: parts[f"{self.key}.{s}"] for s in endor.RECORDS if f"{self.key}.{s}" in parts}
 
-    def _rows(self, parts: dict, r0: int, r1: int) -> torch.Tensor:
-        """Weight rows [r0, r1) in the compute dtype, in the scratch."""
-        out = self.scratch[0][: (r1 - r0) * self.in_features].view(r1 - r0, self.in_features)
+    def _rows(self, parts: dict, r0: int, r1: int, scratch: torch.Tensor) -> torch.Tensor:
+        """Weight rows [r0, r1) in the compute dtype: the stored rows, or decoded into `scratch`."""
+        if self.in_place:
+            return parts[""][r0:r1]
+        out = scratch[: (r1 - r0) * self.in_features].view(r1 - r0, self.in_features)
         if self.spec["format"] == "dense":
             return out.copy_(parts[""][r0:r1])
         if out.device.type == "cpu":
@@ -161,38 +300,51 @@ class OffloadLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = self._parts()
-        if self.in_place:
-            return F.linear(x, parts[""], self.bias)
-        x2 = x.reshape(-1, self.in_features)
         if len(self.chunks) == 1:
-            return F.linear(x, self._rows(parts, 0, self.out_features), self.bias)
-        y = x2.new_empty(x2.shape[0], self.out_features)
-        for r0, r1 in self.chunks:
+            return F.linear(x, self._rows(parts, 0, self.out_features, self.pool.scratch[0]), self.bias)
+        x2 = x.reshape(-1, self.in_features)  # [T, K]
+        y = x2.new_empty(x2.shape[0], self.out_features)  # [T, N]
+
+        def chunk(i: int, scratch: torch.Tensor) -> None:
+            r0, r1 = self.chunks[i]
             b = None if self.bias is None else self.bias[r0:r1]
-            y[:, r0:r1] = F.linear(x2, self._rows(parts, r0, r1), b)
+            y[:, r0:r1] = F.linear(x2, self._rows(parts, r0, r1, scratch), b)
+
+        self.pool.run(chunk, len(self.chunks))
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, format={self.spec['format']}, chunks={len(self.chunks)}"
 
 
-class WidenedHead(nn.Module):
-    """The output head over a stored-dtype weight (the tied embedding), widened chunk by chunk."""
+class ChunkedHead(nn.Module):
+    """The output head over a weight kept elsewhere (the tied embedding), computed chunk by chunk
+    of vocabulary rows by the LinearPool; widened into the worker's scratch when its dtype is not
+    the compute dtype."""
 
-    def __init__(self, weight: torch.Tensor, scratch: list, compute: torch.dtype):
+    def __init__(self, weight: torch.Tensor, pool: LinearPool, compute: torch.dtype, max_elements: int):
         super().__init__()
         self.weight = weight  # [V, D], shared with the embedding
-        self.scratch = scratch
+        self.pool = pool
+        self.widen = weight.dtype != compute
         V, D = weight.shape
-        self.chunks = row_chunks(V, D, None, scratch[0].numel())
+        # widened: chunks that fit a scratch; used in place: one chunk per worker
+        self.chunks = row_chunks(V, D, CHUNK_ROWS, max_elements if self.widen else -(-V * D // pool.workers),
+                                 pool.workers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         V, D = self.weight.shape
-        x2 = x.reshape(-1, D)
-        y = x2.new_empty(x2.shape[0], V)
-        for r0, r1 in self.chunks:
-            w = self.scratch[0][: (r1 - r0) * D].view(r1 - r0, D).copy_(self.weight[r0:r1])
+        x2 = x.reshape(-1, D)  # [T, D]
+        y = x2.new_empty(x2.shape[0], V)  # [T, V]
+
+        def chunk(i: int, scratch: torch.Tensor) -> None:
+            r0, r1 = self.chunks[i]
+            w = self.weight[r0:r1]
+            if self.widen:
+                w = scratch[: (r1 - r0) * D].view(r1 - r0, D).copy_(w)
             y[:, r0:r1] = F.linear(x2, w)
+
+        self.pool.run(chunk, len(self.chunks))
         return y.view(*x.shape[:-1], V)
 
 
@@ -246,8 +398,8 @@ def build_offloaded(sm: StoreModel, device: torch.device, device_kind: str, dtyp
     if dtype.itemsize < stored.itemsize:
         raise InvalidOptionError(f"this store holds {str(stored).removeprefix('torch.')} weights; compute dtype "
                                  f"{str(dtype).removeprefix('torch.')} would round them (use it or a wider one)")
-    layout = model_layout(store, args, dtype, kv_dtype, device_kind)
-    plan = plan_memory(layout, device_kind, budget, cpu_budget, n_ctx=n_ctx, max_ctx=max_ctx, prefetch=prefetch)
+    workers, layout, plan = _plan(store, args, dtype, kv_dtype, device_kind, n_ctx, max_ctx, budget, cpu_budget,
+                                  prefetch)
     with torch.device("meta"):
         model = Transformer(args)
     fixed = [(t, s) for t, s in table.items() if s.get("layer") is None]
@@ -267,11 +419,17 @@ def build_offloaded(sm: StoreModel, device: torch.device, device_kind: str, dtyp
         else:
             setattr(owner, kind, nn.Parameter(t, requires_grad=False))
         done += 1
-    scratch = [torch.empty(max(layout.decode_scratch_bytes // _elt(dtype), 1), dtype=dtype, device=device)]
-    _swap_linears(model, table, scratch, dtype, chunked=device_kind == "cpu")
+    cpu = device_kind == "cpu"
+    pool = LinearPool(workers, layout.decode_scratch_bytes // (_elt(dtype) * workers), dtype, device)
+    weakref.finalize(model, pool.close)  # the worker threads stop when the model is dropped
+    model.linear_pool = pool
+    if cpu:  # one-row products on several intra-op threads only spin (LinearPool)
+        single_intra_op_thread(model)
+    _swap_linears(model, table, pool, dtype, chunked=cpu)
     head_w = model.lm_head.weight if "lm_head.weight" in table else model.embed.weight  # tied: the embedding
-    if head_w.dtype != dtype:
-        swap_linear(model, "lm_head", WidenedHead(head_w, scratch, dtype))
+    if cpu or head_w.dtype != dtype:
+        limit = SCRATCH_ELEMENTS if cpu else pool.scratch[0].numel()
+        swap_linear(model, "lm_head", ChunkedHead(head_w, pool, dtype, limit))
     elif "lm_head.weight" not in table:
         head = nn.Linear(args.hidden_size, args.vocab_size, bias=False, device="meta")
         head.weight = model.embed.weight
@@ -305,7 +463,27 @@ def build_offloaded(sm: StoreModel, device: torch.device, device_kind: str, dtyp
     return model.eval().requires_grad_(False), plan
 
 
-def _swap_linears(model: Transformer, table: dict, scratch: list, compute: torch.dtype, chunked: bool) -> None:
+def _plan(store, args, dtype, kv_dtype, device_kind, n_ctx, max_ctx, budget, cpu_budget,
+          prefetch) -> tuple[int, ModelLayout, Plan]:
+    """(workers, layout, plan): every linear worker has its own scratch, so a tight budget may
+    only fit one worker, or a longer context (n_ctx picked by the planner) with one: then one."""
+    tries, err = [], None
+    for workers in dict.fromkeys((linear_workers(device_kind), 1)):
+        layout = model_layout(store, args, dtype, kv_dtype, device_kind, workers)
+        try:
+            tries.append((workers, layout, plan_memory(layout, device_kind, budget, cpu_budget, n_ctx=n_ctx,
+                                                       max_ctx=max_ctx, prefetch=prefetch)))
+        except InvalidOptionError as e:
+            err = e
+        if layout.decode_scratch_bytes == 0:  # no scratch: the number of workers costs nothing
+            break
+    if not tries:
+        raise err
+    longest = max(p.n_ctx for _, _, p in tries)
+    return next(t for t in tries if t[2].n_ctx == longest)
+
+
+def _swap_linears(model: Transformer, table: dict, pool: LinearPool, compute: torch.dtype, chunked: bool) -> None:
     for i, block in enumerate(model.layers):
         for name in LAYER_MODULES:
             target = f"layers.{i}.{name}.weight"
@@ -315,22 +493,31 @@ def _swap_linears(model: Transformer, table: dict, scratch: list, compute: torch
             bias = old.bias if old.bias is not None and not old.bias.is_meta else None
             if old.bias is not None and bias is None:
                 raise ModelFormatError(f"store lacks the bias tensors for layers.{i}.{name}")
-            swap_linear(block, name, OffloadLinear(f"{name}.weight", table[target], bias, scratch, compute, chunked))
+            swap_linear(block, name, OffloadLinear(f"{name}.weight", table[target], bias, pool, compute, chunked))
+
+
+class BlockRecords:
+    """The stored records of one block while it runs (None outside its forward), shared by its
+    OffloadLinears: the hooks set one plain attribute, not four nn.Module attributes."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self):
+        self.parts: dict[str, torch.Tensor] | None = None
 
 
 def _hook_blocks(model: Transformer) -> None:
     feed = model.feed
     for i, block in enumerate(model.layers):
-        linears = [block.get_submodule(n) for n in LAYER_MODULES]
+        held = BlockRecords()
+        for n in LAYER_MODULES:
+            block.get_submodule(n).held = held
 
-        def pre(mod, args, i=i, linears=linears):
-            parts = feed.acquire(i)
-            for lin in linears:
-                lin.parts = parts
+        def pre(mod, args, i=i, held=held):
+            held.parts = feed.acquire(i)
 
-        def post(mod, args, out, i=i, linears=linears):
-            for lin in linears:
-                lin.parts = None
+        def post(mod, args, out, i=i, held=held):
+            held.parts = None
             feed.release(i)
 
         block.register_forward_pre_hook(pre)

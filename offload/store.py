@@ -255,13 +255,32 @@ class Store:
             buf = out.reshape(-1).view(np.uint8)
             if buf.nbytes < r.nbytes:
                 raise ValueError(f"buffer of {buf.nbytes} bytes is too small for record {name!r} ({r.nbytes})")
-        got = self._read_into(buf, r, need, direct)
+        got = self._read_into(buf, r.offset, r.nbytes, need, direct)
         if got < r.nbytes:
             raise ModelFormatError(f"{self.path}: record {name!r} is truncated ({got} of {r.nbytes} bytes)")
         data = buf[: r.nbytes]
         if verify and zlib.crc32(memoryview(data)) != r.crc32:
-            raise ModelFormatError(f"{self.path}: checksum mismatch in record {name!r} (the store is corrupt)")
+            raise self.corrupt(name)
         return data.view(DTYPES[r.dtype]).reshape(r.shape)
+
+    def read_range(self, offset: int, nbytes: int, out: np.ndarray, direct: bool = False) -> np.ndarray:
+        """Read `nbytes` of the file at `offset` (both multiples of ALIGN for an O_DIRECT read) into
+        `out` in one request, unverified: the caller checks the records it covers (`corrupt`).
+
+        Returns:
+            uint8 view of out's first nbytes. Raises ModelFormatError on a short read.
+        """
+        buf = out.reshape(-1).view(np.uint8)
+        if buf.nbytes < nbytes:
+            raise ValueError(f"buffer of {buf.nbytes} bytes is too small for {nbytes} bytes")
+        got = self._read_into(buf, offset, nbytes, nbytes, direct)
+        if got < nbytes:
+            raise ModelFormatError(f"{self.path}: short read at offset {offset} ({got} of {nbytes} bytes)")
+        return buf[:nbytes]
+
+    def corrupt(self, name: str) -> ModelFormatError:
+        """The error for a record whose bytes do not match its checksum."""
+        return ModelFormatError(f"{self.path}: checksum mismatch in record {name!r} (the store is corrupt)")
 
     def read_tensor(self, name: str, out: np.ndarray | None = None, direct: bool = False, verify: bool = True):
         """`read` as a torch tensor of the record's dtype (bfloat16 included); shares memory."""
@@ -272,15 +291,15 @@ class Store:
         t = torch.from_numpy(a.reshape(-1).view(np.uint8))
         return t.view(getattr(torch, r.dtype)).view(r.shape) if r.nbytes else torch.empty(r.shape, dtype=getattr(torch, r.dtype))
 
-    def _read_into(self, buf: np.ndarray, r: RecordInfo, need: int, direct: bool) -> int:
-        aligned = buf.ctypes.data % ALIGN == 0 and buf.nbytes >= need
+    def _read_into(self, buf: np.ndarray, offset: int, nbytes: int, need: int, direct: bool) -> int:
+        aligned = buf.ctypes.data % ALIGN == 0 and buf.nbytes >= need and offset % ALIGN == 0
         if direct and aligned and self._direct_ok:
             fd = self._open_direct()
             if fd is not None:
-                return _pread_all(fd, memoryview(buf)[:need], r.offset)
-        got = _pread_all(self._fd, memoryview(buf)[: r.nbytes], r.offset)
+                return min(_pread_all(fd, memoryview(buf)[:need], offset), nbytes)
+        got = _pread_all(self._fd, memoryview(buf)[:nbytes], offset)
         if direct and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd, r.offset, r.nbytes, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self._fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
         return got
 
     def _open_direct(self) -> int | None:

@@ -54,6 +54,42 @@ def test_decode_rows_widens_exactly(dtype):
         endor.decode_rows(_parts(e), e.spec(), 3, 8, torch.empty(5, 24))
 
 
+@pytest.mark.parametrize("shape,tile", [((1, 1), 1), ((3, 13), 1), ((29, 37), 3), ((64, 9), 7), ((40, 200), 16),
+                                        ((257, 65), 256), ((300, 72), 64)])
+@pytest.mark.parametrize("density", [0.0, 0.03, 0.5, 1.0])
+def test_vectorized_decode_odd_shapes_and_tiles(shape, tile, density):
+    """Whole-range CPU decode (and every tile-aligned row range of it, widened or not) equals the
+    pruned tensor bit for bit: K not a multiple of 8, partial last tiles, empty and full rows."""
+    N, K = shape
+    g = torch.Generator().manual_seed(N * 1000 + K)
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    w = torch.where(torch.rand(N, K, generator=g) < density, w, torch.zeros((), dtype=w.dtype))
+    if N > 2:
+        w[1] = 0  # an empty row
+        w[2] = torch.randn(K, generator=g).to(w.dtype) + 10  # a full row
+    w.view(-1)[0] = -0.0  # a kept negative zero
+    e = endor.encode(w, tile_rows=tile)
+    full = endor.decode(_parts(e), e.spec(), torch.full((N * K + 5,), float("nan"), dtype=w.dtype))
+    assert torch.equal(_bits(full), _bits(w))
+    tiles = list(range(0, N, tile)) + [N]
+    for a in range(0, len(tiles) - 1, 2):
+        for b in (a + 1, len(tiles) - 1):
+            r0, r1 = tiles[a], tiles[b]
+            for out_dtype in (torch.bfloat16, torch.float32):
+                out = torch.full((r1 - r0, K), float("nan"), dtype=out_dtype)  # garbage, as a reused scratch
+                endor.decode_rows(_parts(e), e.spec(), r0, r1, out)
+                assert torch.equal(_bits(out), _bits(w[r0:r1].to(out_dtype))), (r0, r1, out_dtype)
+
+
+def test_decode_rows_fp16_and_fp32_values():
+    for dtype in (torch.float16, torch.float32):
+        w = _pruned(50, 21, dtype)
+        e = endor.encode(w, tile_rows=5)
+        out = torch.empty(20, 21, dtype=torch.float32)
+        endor.decode_rows(_parts(e), e.spec(), 10, 30, out)
+        assert torch.equal(_bits(out), _bits(w[10:30].float()))
+
+
 def test_int8_values_equal_their_reference():
     w = _pruned(40, 32, torch.bfloat16)
     e = endor.encode(w, tile_rows=16, values="int8")
@@ -82,6 +118,84 @@ def test_corrupt_tile_offsets_are_caught():
     parts["tile_offsets"][1] += 1
     with pytest.raises(ValueError, match="tile 0"):
         endor.decode(parts, e.spec())
+    with pytest.raises(ValueError, match="tile 0"):  # a range starting at the bad tile, widened
+        endor.decode_rows(parts, e.spec(), 0, 16, torch.empty(16, 16))
+    parts = _parts(e)  # a flipped bitmap bit in tile 2: counts no longer match the offsets
+    parts["bitmap"] = parts["bitmap"].clone()
+    parts["bitmap"][17, 0] ^= 1
+    with pytest.raises(ValueError, match="tile 2"):
+        endor.decode(parts, e.spec())
+    with pytest.raises(ValueError, match="tile 0"):  # relative to the range decoded
+        endor.decode_rows(parts, e.spec(), 16, 24, torch.empty(8, 16))
+    parts = _parts(e)
+    parts["values"] = parts["values"][:-1]
+    with pytest.raises(ValueError, match="values"):
+        endor.decode(parts, e.spec())
+
+
+def test_row_chunks_cover_tiles_evenly():
+    from offload.loader import row_chunks
+
+    for n_rows, k, unit, limit, parts in [(3072, 576, 256, 1 << 19, 2), (960, 576, 256, 1 << 19, 2),
+                                          (576, 1536, 256, 1 << 19, 2), (49152, 576, 256, 1 << 19, 3),
+                                          (70, 37, 16, 64 * 16, 2), (5, 8, 2, 1, 4), (1, 1, 256, 1, 2)]:
+        chunks = row_chunks(n_rows, k, unit, limit, parts)
+        assert chunks[0][0] == 0 and chunks[-1][1] == n_rows
+        assert all(a < b and b == c for (a, b), (c, _) in zip(chunks, chunks[1:] + [(n_rows, None)]))
+        assert all(r0 % unit == 0 for r0, _ in chunks)
+        units = -(-n_rows // unit)
+        assert all((r1 - r0) * k <= max(limit, unit * k) for r0, r1 in chunks)  # at least one unit
+        assert len(chunks) % parts == 0 or len(chunks) == units  # a share per worker where units allow
+        sizes = [-(-(r1 - r0) // unit) for r0, r1 in chunks]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_linear_pool_runs_every_chunk_once_and_raises_worker_errors():
+    from offload.loader import LinearPool
+
+    pool = LinearPool(3, 4, torch.float32, torch.device("cpu"))
+    try:
+        seen, scratches = [], set()
+
+        def fn(i, scratch):
+            assert torch.is_inference_mode_enabled()  # the caller's mode, on every worker
+            seen.append(i)
+            scratches.add(scratch.data_ptr())
+
+        with torch.inference_mode():
+            pool.run(fn, 50)
+            pool.run(fn, 1)
+        assert sorted(seen) == [0] + list(range(50)) and len(scratches) <= 3
+
+        def bad(i, scratch):
+            if i == 7:
+                raise ValueError("chunk 7")
+
+        with pytest.raises(ValueError, match="chunk 7"):
+            pool.run(bad, 20)
+        seen.clear()
+        with torch.inference_mode():
+            pool.run(fn, 5)  # still usable
+        assert sorted(seen) == list(range(5))
+    finally:
+        pool.close()
+
+
+def test_pool_leaves_the_callers_threads_alone(tiny_stores, restore_threads):
+    import threading
+
+    import edge_rt
+
+    _, stores = tiny_stores
+    llm = edge_rt.load(stores["endor"], device="cpu", n_ctx=64, threads=2)
+    assert llm.backend.model.linear_pool.workers == 2 and torch.get_num_threads() == 2
+    llm.generate("def f", max_tokens=3)
+    assert torch.get_num_threads() == 2  # the forward runs with one intra-op thread, then restores
+    got = []
+    t = threading.Thread(target=lambda: got.append(torch.get_num_threads()))  # torch's default for new threads
+    t.start()
+    t.join()
+    assert got == [2]
 
 
 def test_prune_mask_per_row_and_wanda_scores():
@@ -152,8 +266,17 @@ def test_wanda_differs_from_magnitude(tiny_stores, tmp_path):
     assert not np.array_equal(a.read(name), b.read(name))
 
 
-@pytest.mark.parametrize("scratch", [1 << 19, 64 * 16])  # one chunk per matrix; many 16-row chunks
-def test_endor_run_equals_pruned_dense_run(tiny_stores, monkeypatch, scratch):
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("threads", [1, 2])  # linear workers: the caller alone; the caller and a helper
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16 widened per chunk; bf16 as stored
+@pytest.mark.parametrize("scratch", [1 << 19, 64 * 16])  # few chunks per matrix; many 16-row chunks
+def test_endor_run_equals_pruned_dense_run(tiny_stores, monkeypatch, restore_threads, scratch, dtype, threads):
     import edge_rt
     from offload import loader
 
@@ -163,7 +286,8 @@ def test_endor_run_equals_pruned_dense_run(tiny_stores, monkeypatch, scratch):
     prompt = "def f(x): return x"
     runs = {}
     for name in ("dense", "endor"):
-        llm = edge_rt.load(stores[name], device="cpu", n_ctx=64)
+        llm = edge_rt.load(stores[name], device="cpu", n_ctx=64, dtype=dtype, threads=threads)
+        assert llm.backend.model.linear_pool.workers == threads
         ids = llm.encode(prompt)
         logits = llm.backend.forward(ids, all_logits=True)
         llm.reset()

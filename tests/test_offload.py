@@ -311,7 +311,14 @@ def test_offloaded_run_equals_in_memory_run(tiny_src, tiny_store):
     from offload.loader import model_layout
     from offload.store import open_store_model
 
-    ref = _run(edge_rt.load(tiny_src, device="cpu", dtype="float32", quantized=False, n_ctx=64))
+    # A store's forward runs with one intra-op thread (its linears on the LinearPool's workers);
+    # the GGUF reference too: one-row products on 2 intra-op threads round differently.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = _run(edge_rt.load(tiny_src, device="cpu", dtype="float32", quantized=False, n_ctx=64))
+    finally:
+        torch.set_num_threads(n)
     sm = open_store_model(tiny_store)
     lay = model_layout(sm.store, sm.args, torch.float32, torch.float32, "cpu")
     from edge_rt.memory.planner import minimum_budget
@@ -389,6 +396,117 @@ def test_corrupt_streamed_record_names_the_tensor(tiny_store, tmp_path):
         llm.generate("hello", max_tokens=2)
     with pytest.raises(ModelFormatError, match="'layers.3.ffn.w2.weight'"):
         edge_rt.load(bad, device="cpu", n_ctx=64)  # read whole at load: the same error
+
+
+def _flip_last_byte(path, record):
+    s = Store.open(path)
+    r = s.records[record]
+    s.close()
+    with open(path, "r+b") as fh:  # the last byte: the last slice a "sampled" check visits
+        fh.seek(r.offset + r.nbytes - 1)
+        b = fh.read(1)
+        fh.seek(r.offset + r.nbytes - 1)
+        fh.write(bytes([b[0] ^ 0x01]))
+
+
+def test_streamer_reads_each_layer_in_one_request(tiny_store, monkeypatch):
+    import edge_rt
+    from offload.streamer import read_span
+
+    calls = []
+    real = Store.read_range
+    monkeypatch.setattr(Store, "read_range", lambda self, off, n, *a, **k: calls.append((off, n)) or real(
+        self, off, n, *a, **k))
+    llm = edge_rt.load(tiny_store, device="cpu", n_ctx=64, budget=_min_budget(tiny_store))
+    s = llm.backend.model.feed.streamer
+    llm.generate("hello", max_tokens=3, ignore_eos=True)
+    spans = {s.span[i][0]: s.span[i][1] for i in s.order}
+    assert calls and all(spans[off] == n for off, n in calls)  # one request per layer read, of its span
+    for i in s.order:
+        recs = s.records[i].values()
+        assert s.span[i][1] == read_span(recs) and read_span(recs) % ALIGN == 0
+        assert read_span(recs) - sum(r.nbytes for r in recs) < ALIGN * (len(recs) + 2)  # padding only
+    assert llm.plan.slot_bytes == max(n for _, n in s.span.values())
+    assert llm.plan.io_bytes_per_forward == sum(n for _, n in s.span.values())
+
+
+@pytest.mark.parametrize("verify,within", [("every", 3), ("sampled", 11)])
+def test_checksums_catch_corruption_after_the_first_read(tiny_store, tmp_path, monkeypatch, verify, within):
+    """A record corrupted on disk after its first (full) check is caught by the later reads: on
+    the next read ("every"), or within SAMPLE_SLICES reads ("sampled"), naming the record."""
+    import shutil
+
+    import edge_rt
+    from offload import streamer as streamer_mod
+
+    monkeypatch.setattr(streamer_mod, "SAMPLE_MIN_BYTES", 0)  # sample even the tiny model's records
+    path = tmp_path / "later.ews"
+    shutil.copy(tiny_store, path)
+    llm = edge_rt.load(path, device="cpu", n_ctx=64, budget=_min_budget(tiny_store))  # layer 3 streams
+    s = llm.backend.model.feed.streamer
+    assert s.verify == "sampled"
+    s.verify = verify
+    llm.generate("hello", max_tokens=2, ignore_eos=True)  # every streamed layer read and checked in full
+    _flip_last_byte(path, "layers.3.ffn.w2.weight")
+    with pytest.raises(ModelFormatError, match="checksum mismatch in record 'layers.3.ffn.w2.weight'"):
+        for _ in range(within):
+            llm.reset()
+            llm.generate("hello", max_tokens=1, ignore_eos=True)
+
+
+def test_checksums_off_reads_corrupt_records(tiny_store, tmp_path):
+    import shutil
+
+    import edge_rt
+
+    path = tmp_path / "off.ews"
+    shutil.copy(tiny_store, path)
+    _flip_last_byte(path, "layers.3.ffn.w2.weight")
+    llm = edge_rt.load(path, device="cpu", n_ctx=64, budget=_min_budget(tiny_store))
+    s = llm.backend.model.feed.streamer
+    s.verify = "off"
+    s.restart(0)  # drop what the reader prefetched with checks on
+    s.reset_stats()
+    assert len(llm.generate("hello", max_tokens=2, ignore_eos=True).token_ids) == 2
+    assert s.stats.verify_s == 0.0
+
+
+def test_planner_slots_hold_whole_layer_reads():
+    from edge_rt.memory.planner import LayerWeights, ModelLayout, minimum_budget, plan_memory
+
+    lay = ModelLayout(fixed_bytes=50, layers=tuple(LayerWeights(i, 100, 120) for i in range(4)),
+                      decode_scratch_bytes=0, kv_bytes_per_position=1, hidden_size=1, widest=1, heads=1,
+                      vocab_size=1, act_elt=1)
+    base = 50 + 64 + lay.activation_bytes(64)
+    assert minimum_budget(lay, "cpu", 64) == base + 2 * 120  # a stream buffer holds a layer's read span
+    p = plan_memory(lay, "cpu", base + 240 + 100, n_ctx=64)
+    assert p.resident == (0,) and p.slot_bytes == 120 and p.io_bytes_per_forward == 3 * 120
+    assert p.device_bytes == base + 240 + 100  # resident layers cost their stored bytes
+
+
+def test_linear_workers_fall_back_to_one_at_a_tight_budget(tiny_src, tmp_path):
+    """bf16 weights computed in fp32 need a scratch per worker: a budget that fits one scratch
+    but not two loads with one worker instead of refusing."""
+    import edge_rt
+    from edge_rt.memory.planner import minimum_budget
+    from offload.loader import model_layout
+    from offload.prune import compress_model
+    from offload.store import open_store_model
+
+    path = compress_model(tiny_src, tmp_path / "bf16.ews", sparsity=0.0, fmt="dense", dtype="bfloat16")
+    sm = open_store_model(path)
+    n = torch.get_num_threads()
+    try:
+        lows = {w: minimum_budget(model_layout(sm.store, sm.args, torch.float32, torch.float32, "cpu", w), "cpu", 64)
+                for w in (1, 2)}
+        assert lows[1] < lows[2]
+        for budget, workers in ((lows[2], 2), (lows[1], 1)):
+            llm = edge_rt.load(path, device="cpu", n_ctx=64, budget=budget, threads=2)
+            assert llm.backend.model.linear_pool.workers == workers and llm.plan.device_bytes <= budget
+        with pytest.raises(InvalidOptionError, match=rf"minimum of .*\({lows[1]} bytes\)"):
+            edge_rt.load(path, device="cpu", n_ctx=64, budget=lows[1] - 1, threads=2)
+    finally:
+        torch.set_num_threads(n)
 
 
 def test_truncated_store_refused_at_load(tiny_store, tmp_path):

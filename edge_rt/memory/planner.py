@@ -2,7 +2,8 @@
 
 Tiers, fastest first:
 - device: the `budget`. Always holds the fixed weights (embedding, norms, output head, biases),
-  the KV cache for n_ctx, activation scratch, the Endor decode scratch (one decoded matrix), and
+  the KV cache for n_ctx, activation scratch, the decode scratch (per linear worker: a chunk of rows
+  on CPU, the largest decoded matrix on accelerators), and
   then whole layers in their stored form ("resident"), first layer first, while room is left.
 - host RAM: the optional `cpu_budget`. On CUDA, layers held in pinned host memory and copied to
   the device per use, plus the pinned staging buffers disk reads land in. On a CPU device host
@@ -34,6 +35,11 @@ class LayerWeights:
 
     index: int
     stored_bytes: int
+    read_bytes: int = 0  # bytes one streamed read of the layer moves (its records' span, whole pages); 0: stored_bytes
+
+    @property
+    def io_bytes(self) -> int:
+        return self.read_bytes or self.stored_bytes
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class ModelLayout:
 
     fixed_bytes: int  # always resident: embedding, norms, output head, biases
     layers: tuple[LayerWeights, ...]
-    decode_scratch_bytes: int  # one decoded matrix (Endor); 0 when weights are used as stored
+    decode_scratch_bytes: int  # decode / widen scratch of all linear workers; 0 when weights are used as stored
     kv_bytes_per_position: int  # all layers, K and V, in the KV dtype
     hidden_size: int
     widest: int  # widest activation row: max(2 * intermediate, q + 2 kv)
@@ -87,12 +93,16 @@ def _layer_cost(layout: ModelLayout, layers) -> int:
     return sum(layout.layers[i].stored_bytes for i in layers)
 
 
+def _slot_bytes(layout: ModelLayout) -> int:
+    """One stream buffer: the largest streamed read."""
+    return max((lw.io_bytes for lw in layout.layers), default=0)
+
+
 def minimum_budget(layout: ModelLayout, device_kind: str, n_ctx: int, prefetch: int = 1) -> int:
     """The smallest device budget that runs the model at n_ctx (stream all, or all resident if smaller)."""
     base = (layout.fixed_bytes + layout.kv_bytes_per_position * n_ctx + layout.activation_bytes(n_ctx)
             + layout.decode_scratch_bytes)
-    largest = max((lw.stored_bytes for lw in layout.layers), default=0)
-    stream_all = base + (prefetch + 1) * largest
+    stream_all = base + (prefetch + 1) * _slot_bytes(layout)
     resident_all = base + _layer_cost(layout, range(len(layout.layers)))
     return min(stream_all, resident_all) if layout.layers else base
 
@@ -122,7 +132,7 @@ def plan_memory(layout: ModelLayout, device_kind: str, budget: int | None = None
         n_ctx = fits[0] if fits else choices[-1]
     need = minimum_budget(layout, device_kind, n_ctx, prefetch)
     if budget is not None and budget < need:
-        largest = max((lw.stored_bytes for lw in layout.layers), default=0)
+        largest = _slot_bytes(layout)
         raise InvalidOptionError(
             f"budget {format_size(budget)} is below the minimum of {format_size(need)} ({need} bytes) for this model "
             f"at n_ctx {n_ctx}: fixed weights {format_size(layout.fixed_bytes)}, {prefetch + 1} stream buffers of the "
@@ -140,7 +150,7 @@ def _place(layout, device_kind, budget, cpu_budget, n_ctx, prefetch, need) -> Pl
     if budget is None or everything <= budget:
         return _plan(layout, device_kind, n_ctx, budget, cpu_budget, tuple(range(n)), (), (), 0, 0, kv, act, need)
     slots = prefetch + 1
-    slot_bytes = max(lw.stored_bytes for lw in layout.layers)
+    slot_bytes = _slot_bytes(layout)
     room = budget - base - slots * slot_bytes
     resident = _fill(layout, range(n), room)
     rest = [i for i in range(n) if i not in resident]
@@ -181,5 +191,6 @@ def _plan(layout, device_kind, n_ctx, budget, cpu_budget, resident, host, stream
         host_total = host_b + (buffers if streamed else 0)  # pinned staging for disk reads
     breakdown = {"fixed_weights": fixed, "resident_layers": resident_b, "host_layers": host_b,
                  "stream_buffers": buffers, "decode_scratch": scratch, "kv_cache": kv, "activations": act}
+    io = sum(layout.layers[i].io_bytes for i in streamed)
     return Plan(device_kind, n_ctx, budget, cpu_budget, tuple(resident), tuple(host), tuple(streamed), slots,
-                slot_bytes, kv, act, device, host_total, need, _layer_cost(layout, streamed), breakdown)
+                slot_bytes, kv, act, device, host_total, need, io, breakdown)
