@@ -144,12 +144,24 @@ def row_chunks(n_rows: int, k: int, unit: int, max_elements: int, parts: int = 1
 
 @dataclass
 class _Job:
-    fn: object  # fn(i, scratch)
-    n: int
+    fn: object  # fn(i, scratch[, ready]): ready=True when chunk i's rows are already in scratch
+    n: int  # chunks taken from the counter: 0 .. n - 1
     counter: object  # itertools.count: the next chunk to take (next() is atomic under the GIL)
     inference: bool  # inference / grad mode are per thread: helpers take the caller's
     grad: bool
+    key: tuple | None = None  # (owner, records): what the job computes (see LinearPool.run)
+    reserved: int | None = None  # the chunk the first helper decoded ahead: its own, not in the counter
+    first: bool = False  # chunk 0 was decoded ahead into the caller's scratch: the caller's, not in the counter
+    ahead: tuple | None = None  # (key, n, decode(i, scratch)) for the first helper once its share is done
     error: BaseException | None = None
+
+
+_BUSY = (None, None)  # LinearPool._first while the helper decodes chunk 0 (matches no key)
+
+
+def _same(a: tuple | None, b: tuple | None) -> bool:
+    """Keys are (owner, records) compared by identity (records are a dict of tensors)."""
+    return a is not None and b is not None and a[0] is b[0] and a[1] is b[1]
 
 
 class LinearPool:
@@ -162,6 +174,15 @@ class LinearPool:
     thread here: docs/OFFLOAD.md). The model's forward runs with one intra-op thread on the
     calling thread for the same reason (`single_intra_op_thread`). On accelerators there is one
     worker, the calling thread, which only queues the work.
+
+    Decoding ahead: a job may name the next job (`ahead`). Once its share of the job is done,
+    the first helper decodes the next job's last chunk into its own scratch and then, unless
+    the next run has already begun, its first chunk into the caller's scratch, while the caller
+    runs the serial code between the two jobs (attention, norms) and the helper would otherwise
+    wait. If the next run is the one named (same owner, same records), those chunks are only
+    multiplied, the last by the helper, the first by the caller (which waits for a decode of it
+    under way: no longer than decoding it itself); a chunk whose decode ahead failed is decoded
+    again. Any other run first waits for a decode ahead still going and drops it.
     """
 
     def __init__(self, workers: int, scratch_elements: int, dtype: torch.dtype, device: torch.device):
@@ -171,6 +192,12 @@ class LinearPool:
         self._go = [threading.Semaphore(0) for _ in range(workers - 1)]
         self._done = threading.Semaphore(0)  # one release per helper per job
         self._waiting = 0  # helpers of the current job the caller has not yet seen finish
+        self._ahead: tuple | None = None  # key the first helper decodes / decoded ahead
+        self._ahead_lock = threading.Lock()  # held by the first helper while it decodes ahead
+        self._claim = threading.Lock()  # orders the caller's cancel against the helper starting chunk 0
+        self._cancel = False  # the next run has begun: do not start decoding into the caller's scratch
+        self._first: tuple | None = None  # chunk 0 in the caller's scratch: None, _BUSY or the key decoded
+        self._caller_free = True  # the caller is done with its scratch for the current job
         threads = torch.get_num_threads()
         self._threads = [threading.Thread(target=self._work, args=(k,), name=f"edge-rt-linear-{k + 1}", daemon=True)
                          for k in range(workers - 1)]
@@ -180,24 +207,61 @@ class LinearPool:
             self._done.acquire()  # default for new threads): restore that default
         torch.set_num_threads(threads)
 
-    def run(self, fn, n: int) -> None:
-        """Call fn(i, scratch) for i in range(n), spread over the workers; return when all are done."""
+    def run(self, fn, n: int, key: tuple | None = None, ahead: tuple | None = None) -> None:
+        """Call fn(i, scratch) for i in range(n), spread over the workers; return when all are done.
+
+        Args:
+            key: (owner, records) of this job, matched by identity against the previous job's
+                `ahead`; if it matches, chunk n - 1 (the first helper's) and perhaps chunk 0 (the
+                caller's) were decoded ahead, and fn is called with ready=True for them.
+            ahead: (key of the next job, its number of chunks, decode(i, scratch)).
+        """
         self._wait_helpers()  # a call interrupted while waiting (Ctrl-C): its helpers finish first
+        with self._claim:
+            self._caller_free = False
         helpers = min(len(self._threads), n - 1)
-        job = _Job(fn, n, itertools.count(), torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        reserved, first = (n - 1 if helpers and _same(key, self._ahead) else None), False
+        if reserved is None:
+            self.settle()
+        else:
+            with self._claim:
+                self._cancel = True
+                busy = self._first is not None
+            if busy:  # the helper is decoding (or has decoded) chunk 0 into scratch[0]
+                with self._ahead_lock:
+                    first = _same(self._first, key)
+        self._ahead = ahead[0] if ahead is not None and helpers else None
+        job = _Job(fn, n if reserved is None else n - 1, itertools.count(1 if first else 0),
+                   torch.is_inference_mode_enabled(), torch.is_grad_enabled(), key, reserved, first,
+                   ahead if helpers else None)
         self._job, self._waiting = job, helpers
         for k in range(helpers):
             self._go[k].release()
         try:
-            self._take(job, self.scratch[0])
+            self._take(job, self.scratch[0], caller=True)
+            with self._claim:
+                self._caller_free = True
         finally:
             self._wait_helpers()
             self._job = None
         if job.error is not None:
             raise job.error
 
-    def _take(self, job: _Job, scratch: torch.Tensor) -> None:
+    def settle(self) -> None:
+        """Wait for a decode ahead still going, and drop it."""
+        with self._ahead_lock:
+            self._ahead = None
+
+    def _take(self, job: _Job, scratch: torch.Tensor, first_helper: bool = False, decoded: tuple | None = None,
+              caller: bool = False) -> None:
         try:
+            if job.first and caller:  # chunk 0, decoded ahead into the caller's scratch
+                job.fn(0, scratch, True)
+            if job.reserved is not None and first_helper:  # its own chunk
+                if _same(decoded, job.key):
+                    job.fn(job.reserved, scratch, True)
+                else:
+                    job.fn(job.reserved, scratch)
             while job.error is None and (i := next(job.counter)) < job.n:
                 job.fn(i, scratch)
         except BaseException as e:  # the caller raises it once every worker has stopped
@@ -211,19 +275,55 @@ class LinearPool:
     def _work(self, k: int) -> None:
         torch.set_num_threads(1)  # this thread's intra-op threads (the caller's are left alone)
         self._done.release()
+        decoded = None  # key of the chunk decoded ahead into this helper's scratch
         while True:
             self._go[k].acquire()
             job = self._job
             if job is None:
                 return
             with torch.inference_mode(job.inference), torch.set_grad_enabled(job.grad):
-                self._take(job, self.scratch[k + 1])
+                self._take(job, self.scratch[k + 1], k == 0, decoded)
+                decoded = None
+                if k == 0 and job.ahead is not None:
+                    decoded = self._decode_ahead(job.ahead)
+                    continue
             self._done.release()
+
+    def _decode_ahead(self, ahead: tuple) -> tuple | None:
+        """First helper, its share of a job done: release the caller, decode the next job's last
+        chunk into its scratch, then its first into the caller's if the caller is done with its
+        scratch and the next run has not begun.
+        Returns the key if the last chunk was decoded."""
+        key, n, decode = ahead
+        self._ahead_lock.acquire()  # before the caller sees this job done: settle waits for it
+        with self._claim:
+            self._cancel, self._first = False, None
+        self._done.release()
+        decoded = None
+        try:
+            try:
+                decode(n - 1, self.scratch[1])
+                decoded = key
+            except Exception:  # the run that needs the chunk decodes it again (and raises)
+                pass
+            with self._claim:
+                if self._cancel or not self._caller_free or n < 2:
+                    return decoded
+                self._first = _BUSY
+            try:
+                decode(0, self.scratch[0])
+                self._first = key
+            except Exception:
+                self._first = None
+            return decoded
+        finally:
+            self._ahead_lock.release()
 
     def close(self) -> None:
         """Stop the helper threads and wait for them (idempotent). Runs at interpreter exit too
         (weakref.finalize): a helper still alive when the interpreter finalizes can abort the process."""
         self._wait_helpers()
+        self.settle()
         self._job = None
         for g in self._go:
             g.release()
@@ -277,6 +377,7 @@ class OffloadLinear(nn.Module):
         self.chunks = row_chunks(self.out_features, self.in_features, _unit(spec), SCRATCH_ELEMENTS, pool.workers) \
             if chunked else [(0, self.out_features)]
         self.held: BlockRecords | None = None  # set by the block's hooks (_hook_blocks)
+        self.next: OffloadLinear | None = None  # the block's next linear (_hook_blocks): its last chunk is decoded ahead
 
     def _parts(self) -> dict[str, torch.Tensor]:
         parts = None if self.held is None else self.held.parts
@@ -305,13 +406,24 @@ class OffloadLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [T, K]
         y = x2.new_empty(x2.shape[0], self.out_features)  # [T, N]
 
-        def chunk(i: int, scratch: torch.Tensor) -> None:
+        def chunk(i: int, scratch: torch.Tensor, ready: bool = False) -> None:
             r0, r1 = self.chunks[i]
             b = None if self.bias is None else self.bias[r0:r1]
-            y[:, r0:r1] = F.linear(x2, self._rows(parts, r0, r1, scratch), b)
+            w = scratch[: (r1 - r0) * self.in_features].view(r1 - r0, self.in_features) if ready \
+                else self._rows(parts, r0, r1, scratch)
+            y[:, r0:r1] = F.linear(x2, w, b)
 
-        self.pool.run(chunk, len(self.chunks))
+        self.pool.run(chunk, len(self.chunks), key=(self, self.held.parts), ahead=self._ahead())
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _ahead(self) -> tuple | None:
+        """(key, chunks, decode(i, scratch)) of the next linear, for the pool to decode its chunks
+        ahead while the caller runs the code between the two; None where there is nothing to decode."""
+        nxt = self.next
+        if nxt is None or nxt.in_place or len(nxt.chunks) < 2:
+            return None
+        parts = nxt._parts()
+        return (nxt, self.held.parts), len(nxt.chunks), lambda i, scratch: nxt._rows(parts, *nxt.chunks[i], scratch)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, format={self.spec['format']}, chunks={len(self.chunks)}"
@@ -510,8 +622,10 @@ def _hook_blocks(model: Transformer) -> None:
     feed = model.feed
     for i, block in enumerate(model.layers):
         held = BlockRecords()
-        for n in LAYER_MODULES:
-            block.get_submodule(n).held = held
+        linears = [block.get_submodule(n) for n in LAYER_MODULES]  # in the order the block runs them
+        for a, b in zip(linears, linears[1:] + [None]):
+            a.held = held
+            object.__setattr__(a, "next", b)  # a plain reference: not a submodule of `a`
 
         def pre(mod, args, i=i, held=held):
             held.parts = feed.acquire(i)

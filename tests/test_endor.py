@@ -297,6 +297,74 @@ def test_endor_run_equals_pruned_dense_run(tiny_stores, monkeypatch, restore_thr
     assert runs["endor"][1] == runs["dense"][1] and len(runs["dense"][1]) == 12
 
 
+def test_linear_pool_decodes_ahead(restore_threads):
+    """A job's `ahead` decodes the next job's last chunk (helper) and first chunk (caller's
+    scratch); the named run multiplies them as they are, any other run or a failed decode ahead
+    decodes every chunk itself."""
+    import time
+
+    from offload.loader import LinearPool
+
+    n, records, owner = 4, {}, object()
+    seen: dict[int, tuple[float, bool]] = {}
+
+    def fn(i, scratch, ready=False):  # a chunk's "rows" are its index written into the scratch
+        if not ready:
+            scratch.fill_(i)
+        seen[i] = (float(scratch[0]), ready)
+
+    def decode(i, scratch):
+        if i == n - 1:
+            time.sleep(0.02)  # the caller is done with its scratch before chunk 0 is decoded into it
+        scratch.fill_(i)
+
+    def bad(i, scratch):
+        raise ValueError("corrupt chunk")
+
+    pool = LinearPool(2, 8, torch.float32, torch.device("cpu"))
+    try:
+        for ahead, key, ready in ((decode, (owner, records), {0, n - 1}), (decode, (object(), records), set()),
+                                  (decode, (owner, {}), set()), (bad, (owner, records), set())):
+            pool.run(lambda i, scratch: None, 2, key=("previous", records), ahead=((owner, records), n, ahead))
+            time.sleep(0.1)  # the helper has decoded ahead
+            seen.clear()
+            pool.run(fn, n, key=key)
+            assert {i: v for i, (v, _) in seen.items()} == {i: float(i) for i in range(n)}  # every chunk, its own rows
+            assert {i for i, (_, r) in seen.items() if r} == ready
+    finally:
+        pool.close()
+
+
+def test_decode_ahead_used_and_bit_identical(tiny_stores, monkeypatch, restore_threads):
+    """An Endor run decodes chunks ahead between a block's linears, and gives the same logits as
+    a run with decoding ahead off. (The tiny store keeps every layer resident even at its minimum
+    budget; streamed layers run the same code, tests/test_offload.py and the benchmark store.)"""
+    import edge_rt
+    from offload import loader
+
+    monkeypatch.setattr(loader, "SCRATCH_ELEMENTS", 64 * 16)
+    monkeypatch.setattr(loader, "CHUNK_ROWS", 16)
+    _, stores = tiny_stores
+    used = []
+    run = loader.LinearPool.run
+
+    def counted(self, fn, n, key=None, ahead=None):
+        used.append(key is not None and loader._same(key, self._ahead))
+        return run(self, fn, n, key, ahead)
+
+    monkeypatch.setattr(loader.LinearPool, "run", counted)
+    logits = []
+    for off in (False, True):
+        if off:
+            monkeypatch.setattr(loader.OffloadLinear, "_ahead", lambda self: None)
+        llm = edge_rt.load(stores["endor"], device="cpu", n_ctx=64, dtype="bfloat16", threads=2)
+        assert llm.backend.model.linear_pool.workers == 2
+        logits.append(llm.backend.forward(llm.encode("def f(x): return x"), all_logits=True))
+        if not off:
+            assert sum(used) >= 3 * llm.backend.model.args.num_hidden_layers  # wo, w13, w2 of every block
+    assert torch.equal(logits[0], logits[1])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent GPU machine)")
 def test_cuda_decode_and_streamed_run(tiny_stores):
     import edge_rt
