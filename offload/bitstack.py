@@ -102,8 +102,13 @@ def reconstruct(blocks: list[Block], n: int, out: torch.Tensor | None = None) ->
     m = blocks[0].u.shape[0] if blocks else (out.shape[0] if out is not None else 0)
     w = torch.zeros(m, n) if out is None else out.zero_()
     for b in blocks:
-        w.addcmul_(unpack_signs(b.signs, n), b.u.float() @ b.v.float())
+        add_term(w, b)
     return w
+
+
+def add_term(w: torch.Tensor, b: Block) -> torch.Tensor:
+    """w [m, n] += S * (u v) in fp32, in place: the step `reconstruct` repeats (same bits)."""
+    return w.addcmul_(unpack_signs(b.signs, w.shape[1]), b.u.float() @ b.v.float())
 
 
 def block_to_bytes(b: Block) -> np.ndarray:
