@@ -114,6 +114,12 @@ def _max_ctx(args) -> int:
     return min(args.max_position_embeddings, args.sliding_window or args.max_position_embeddings)
 
 
+def _kv_dtype(dev: Device, compute: torch.dtype) -> torch.dtype:
+    """Attention and the KV cache run in fp32 on CPU (faster there than bf16 for these small
+    matrices, and closer to llama.cpp); in the compute dtype on accelerators."""
+    return torch.float32 if dev.kind == "cpu" else compute
+
+
 def _check_n_ctx(n_ctx, max_ctx: int) -> None:
     """Refuse an n_ctx outside [16, max_ctx] (None means: choose the default)."""
     if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 16 <= n_ctx <= max_ctx):
@@ -205,9 +211,7 @@ def load(model: str | os.PathLike | None = None, device: str = "auto", *, dtype:
     compute = DTYPES[dtype] if dtype else dev.default_dtype
     t0 = time.perf_counter()
     net = build_model(args, src.tensors, compute, dev.torch_device, n_ctx, quantized=quantized, progress=progress)
-    # Attention and the KV cache run in fp32 on CPU (faster there than bf16 for these small
-    # matrices, and closer to llama.cpp); in the compute dtype on accelerators.
-    kv_dtype = torch.float32 if dev.kind == "cpu" else compute
+    kv_dtype = _kv_dtype(dev, compute)
     backend = TorchBackend(net, dev.torch_device, n_ctx, kv_dtype=kv_dtype)
     return LLM(src, tokenizer, backend, dev, compute, quantized, time.perf_counter() - t0)
 
@@ -220,7 +224,7 @@ def _check_whole_model_budget(src, dev, dtype, n_ctx, quantized, budget, cpu_bud
     if cpu_budget is not None:
         raise InvalidOptionError("cpu_budget needs a weight store (edge-rt compress MODEL -o STORE)")
     compute = DTYPES[dtype] if dtype else dev.default_dtype
-    kv_dtype = torch.float32 if dev.kind == "cpu" else compute
+    kv_dtype = _kv_dtype(dev, compute)
     need = describe_model(src, compute, n_ctx, kv_dtype=kv_dtype, quantized=quantized,
                           device=dev.torch_device)["memory"]["total_bytes"]
     if need > budget:
@@ -245,7 +249,7 @@ def _load_store(path, dev: Device, dtype, n_ctx, threads, budget, cpu_budget, pr
 
     # CPUs without native bf16 matmuls run bf16 weights far faster widened to fp32 (exactly)
     compute = DTYPES[dtype] if dtype else (torch.float32 if dev.kind == "cpu" else DTYPES[sm.store.meta.get("dtype", "bfloat16")])
-    kv_dtype = torch.float32 if dev.kind == "cpu" else compute
+    kv_dtype = _kv_dtype(dev, compute)
     t0 = time.perf_counter()
     if sm.store.kind in ("dense", "endor"):
         from offload.loader import build_offloaded
