@@ -3,7 +3,8 @@
 Stages (each reported through `log`, the CLI prints them on stderr with elapsed time):
     open      resolve the model, check the options, build the tokenizer files
     weights   build edge-rt's Transformer with dense fp32 weights (quantized=False)
-    quantize  ExecuTorch: torchao quantize_ on the nn.Linear layers (before export)
+    quantize  ExecuTorch: linear layers and the embedding onto grids that hold the file's codes
+              (edge_rt/export/et_quant.py, before export)
     export    torch.export with a dynamic token count T in 1..max_chunk
     lower     ExecuTorch: to_edge_transform_and_lower(XnnpackPartitioner) + to_executorch
               ONNX: torch.onnx.export (dynamo), then edge_rt.export.onnx_quant for int8 / 8da4w
@@ -11,17 +12,21 @@ Stages (each reported through `log`, the CLI prints them on stderr with elapsed 
 
 Quantization schemes (QUANTS), each by its runtime's own tools:
     none   fp32 weights and activations.
-    int8   ExecuTorch: torchao Int8DynamicActivationIntxWeightConfig(int8, PerAxis(0)) -> XNNPACK
-           (int8 per-channel weights, int8 dynamic per-token activations).
+    int8   weights of at most 8 bits.
+           ExecuTorch: XNNPACK int8 x int4 kernels on the file's Q4_0/Q4_1/Q8_0 codes (exact; Q8_0
+           as two 4-bit halves), other weights symmetric 8-bit per channel; int8 codes for the
+           embedding table.
            ONNX: MatMulNBits weights of at most 8 bits in blocks of 32 inputs, fp32 activations.
-    8da4w  ExecuTorch: torchao Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32)) -> XNNPACK
-           (symmetric 4-bit weights, int8 dynamic activations).
+    8da4w  layers at most 4 bits, the output projection at most 8.
+           ExecuTorch: the same kernels and codes; other layer weights asymmetric 4-bit per 32 inputs.
            ONNX: MatMulNBits 4-bit weights in blocks of 32 inputs, the output projection up to 8
            bits, fp32 activations.
-The ONNX schemes pick per matrix the block grid that reproduces the (GGUF-dequantized) weights
-best, which is exact for Q4_1 and Q8_0 sources (edge_rt/export/onnx_quant.py); they meet the
-quality bars on SmolLM2. The ExecuTorch schemes re-quantize symmetrically with quantized
-activations and do not (docs/EXPORT.md). The token embedding stays fp32 (a table lookup).
+Both formats keep the GGUF's own grids where the file has them, so on a Q4_1/Q8_0 model (the
+default) int8 and 8da4w give the same file. The ONNX quantizer finds the grid from the dense
+weights (edge_rt/export/onnx_quant.py, fp32 activations, embedding fp32); the ExecuTorch one takes
+the codes from the file and runs XNNPACK's int8-activation kernels on two int8 rows per token
+(x on the kernel's own grid, then the remainder), offsets as small fp32 linears on group sums
+(edge_rt/export/et_quant.py). Both meet the quality bars on SmolLM2 (docs/EXPORT.md).
 """
 
 from __future__ import annotations
@@ -43,10 +48,18 @@ GROUP_SIZE = 32  # 8da4w weight group (inputs per scale)
 DEFAULT_MAX_SEQ = 512
 DEFAULT_MAX_CHUNK = 32  # most tokens per forward: speculative verify chunks and prefill pieces
 
+_ET_KERNEL = ("XNNPACK int8 x int4/int8 linears, torchao IntxUnpackedToInt8Tensor on the file's codes (not "
+              f"re-quantized): Q4_0/Q4_1 exact as 4-bit codes plus per-{GROUP_SIZE} offsets (an fp32 linear on "
+              "group sums), Q8_0 exact as two 4-bit halves")
+_ET_ACTS = ("activations as two int8 rows per token (x on the kernel's own grid, then the remainder); "
+            "embedding: int8 codes with group scales (the file's where it has them)")
 # quant -> what the manifest says was done, per format
 QUANT_METHODS = {
-    ("executorch", "int8"): "torchao Int8DynamicActivationIntxWeightConfig(weight_dtype=int8, PerAxis(0)), XNNPACK",
-    ("executorch", "8da4w"): f"torchao Int8DynamicActivationIntxWeightConfig(weight_dtype=int4, PerGroup({GROUP_SIZE})), XNNPACK",
+    ("executorch", "int8"): f"{_ET_KERNEL}; weights of at most 8 bits (others symmetric 8-bit per output "
+                            f"channel); {_ET_ACTS}",
+    ("executorch", "8da4w"): f"{_ET_KERNEL}; layers at most 4 bits (others asymmetric 4-bit per {GROUP_SIZE} "
+                             "inputs), output projection at most 8 bits (others symmetric 8-bit per output "
+                             f"channel); {_ET_ACTS}",
     ("onnx", "int8"): f"MatMulNBits, weights of at most 8 bits in blocks of {GROUP_SIZE} inputs, per matrix the "
                       "grid (symmetric / asymmetric, 4 / 8 bits) that reproduces it best; fp32 activations",
     ("onnx", "8da4w"): f"MatMulNBits, 4-bit weights in blocks of {GROUP_SIZE} inputs (output projection at most 8 "
@@ -124,7 +137,7 @@ def export_bundle(model=None, out=None, *, format: str = "executorch", quant: st
         wrapper = _wrapper(src, max_seq, functional=format == "onnx")
         runtime, model_file = RUNTIMES[format]
         if format == "executorch":
-            io = _export_executorch(wrapper, stage / model_file, quant, max_chunk, step)
+            io = _export_executorch(wrapper, src, stage / model_file, quant, max_chunk, step)
         else:
             io = _export_onnx(wrapper, stage / model_file, quant, max_chunk, step)
         step("write tokenizer, chat template and manifest (sha256)")
@@ -185,44 +198,34 @@ def _io(args, max_seq: int, functional: bool) -> dict:
             "kv_cache_shape": cache}
 
 
-def _quantize_torchao(model: torch.nn.Module, quant: str) -> None:
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-    from torchao.quantization.granularity import PerAxis, PerGroup
-
-    if quant == "int8":
-        cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
-        quantize_(model, cfg, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
-    else:
-        cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE))
-        quantize_(model, cfg, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
-                  and m.in_features % GROUP_SIZE == 0)
-
-
-def _export_executorch(wrapper, path: Path, quant: str, max_chunk: int, step) -> dict:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-        XnnpackDynamicallyQuantizedPartitioner,
-        XnnpackPartitioner,
-    )
+def _export_executorch(wrapper, src, path: Path, quant: str, max_chunk: int, step) -> dict:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
-    partitioners = [XnnpackPartitioner()]
+    from edge_rt.export.et_quant import quantize_model
+
+    counts = None
     if quant != "none":
-        step(f"quantize linear layers: {QUANT_METHODS[('executorch', quant)]}")
-        _quantize_torchao(wrapper.model, quant)
-        partitioners.insert(0, XnnpackDynamicallyQuantizedPartitioner())
+        step(f"quantize linear layers and embedding: {QUANT_METHODS[('executorch', quant)]}")
+        counts = quantize_model(wrapper.model, src, quant)
     step(f"torch.export (dynamic token count 1..{max_chunk})")
     with torch.no_grad():
         ep = torch.export.export(wrapper, _example(max_chunk), dynamic_shapes=_dims(max_chunk), strict=False)
     step("lower to XNNPACK (to_edge_transform_and_lower)")
-    edge = to_edge_transform_and_lower(ep, partitioner=partitioners)
+    # One partitioner for fp32 and dynamically quantized ops: a quantized linear shares its
+    # delegate with the ops that prepare its activation rows (et_quant.GridLinear).
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     step("to_executorch (memory planning, serialization)")
     # The caches start as zeros stored in the program: masked positions are multiplied by a zero
     # attention weight, and uninitialized memory could hold NaN bit patterns (0 * NaN = NaN).
     config = ExecutorchBackendConfig(passes=[InitializedMutableBufferPass(["k_cache", "v_cache"])])
     program = edge.to_executorch(config)
     write_file_atomic(path, program.buffer)
-    return _io(wrapper.model.args, wrapper.max_seq, functional=False)
+    io = _io(wrapper.model.args, wrapper.max_seq, functional=False)
+    if counts is not None:
+        io["quantized_matmuls"] = counts
+    return io
 
 
 def _export_onnx(wrapper, path: Path, quant: str, max_chunk: int, step) -> dict:
@@ -255,6 +258,7 @@ def _quantize_onnx(src: Path, dst: Path, quant: str, vocab_size: int) -> dict:
 
 def _manifest(src, tok, format, runtime, model_file, quant, max_seq, max_chunk, io, tok_files, tok_info) -> dict:
     args = src.args
+    matrices = io.pop("quantized_matmuls", None)
     return {
         "bundle_format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -272,10 +276,9 @@ def _manifest(src, tok, format, runtime, model_file, quant, max_seq, max_chunk, 
                         "a speculative draft of k tokens needs k + 1 <= max_chunk",
         "dtype": "float32",
         "quantization": {"mode": quant, "method": QUANT_METHODS.get((format, quant), "none"),
-                         "group_size": None if quant == "none" or (format, quant) == ("executorch", "int8")
-                         else GROUP_SIZE,
-                         "embedding": "float32",
-                         "matrices": io.pop("quantized_matmuls", None)},  # ONNX: count per grid
+                         "group_size": None if quant == "none" else GROUP_SIZE,
+                         "embedding": matrices.pop("embedding", "float32") if matrices else "float32",
+                         "matrices": matrices},  # count per grid
         "io": io,
         "tokenizer": tok_info,
         "chat_template": "chat_template.jinja",
