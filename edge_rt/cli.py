@@ -415,6 +415,10 @@ def compress(
     dtype: str = typer.Option("bfloat16", "--dtype", help="dtype the weights are stored in"),
     iters: int = typer.Option(16, "--iters", help="BitStack: residual blocks per weight matrix"),
     rank: int = typer.Option(16, "--rank", help="BitStack: rank of each block's magnitude factors"),
+    importance: Optional[str] = typer.Option(
+        None, "--importance", help="BitStack block importance: taylor (default) | loss (measured, ~1 h CPU) | kl | proxy"),
+    merge: Optional[str] = typer.Option(
+        None, "--merge", help="BitStack block order: levels (default, level by level) | greedy (gain per byte)"),
 ):
     """Prune MODEL and write it as a weight store for `run --budget` (docs/OFFLOAD.md).
 
@@ -422,7 +426,7 @@ def compress(
     resize it live (docs/BITSTACK.md).
     """
     if format == "bitstack":
-        return _compress_bitstack(model, out, iters, rank)
+        return _compress_bitstack(model, out, iters, rank, importance, merge)
     from offload.prune import check_options, compress_model
 
     check_options(prune, format, method, values)
@@ -431,7 +435,8 @@ def compress(
     typer.echo(f"{os.path.getsize(path) / 2**20:.1f} MiB  {path}")
 
 
-def _compress_bitstack(model, out, iters, rank) -> None:
+def _compress_bitstack(model, out, iters, rank, importance, merge) -> None:
+    from offload.bitstack_compress import DEFAULT_IMPORTANCE
     from offload.bitstack_compress import compress as compress_bitstack
 
     bars: dict = {}
@@ -441,7 +446,8 @@ def _compress_bitstack(model, out, iters, rank) -> None:
         if bar:
             bar(done, total)
 
-    info = compress_bitstack(model, out, iters=iters, rank=rank, progress=progress)
+    info = compress_bitstack(model, out, iters=iters, rank=rank, importance=importance or DEFAULT_IMPORTANCE,
+                             merge=merge, progress=progress)
     typer.echo(f"{info['file_bytes'] / 2**20:.1f} MiB  {info['path']}  ({info['blocks']} blocks of {info['matrices']} "
                f"matrices; all blocks {info['blocks_bytes'] / 1e6:.1f} MB, first blocks {info['min_blocks_bytes'] / 1e6:.1f} MB)")
 

@@ -567,3 +567,36 @@ def test_cli_compress_bitstack_then_run_at_a_budget(tmp_path):
     assert out["token_ids"] == ref.generate("hello", max_tokens=6).token_ids
     r = cli("run", "hello", "--model", str(store), "--budget", str(st.min_bytes - 1), "--n-ctx", "64")
     assert r.returncode == 2 and f"{st.min_bytes} bytes" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_compress_bitstack_importance_and_merge_options(tmp_path):
+    """`--importance` and `--merge` reach compress(): the CLI's store has the API's block order."""
+    import os
+    import subprocess
+    import sys
+
+    from gguf_fixtures import write_tiny_gguf
+    from offload.store import Store
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "edge_rt", *args], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", "tiny", qtype="Q8_0", seed=5)
+    meta = {}
+    for name, opts in (("default", ()), ("proxy", ("--importance", "proxy", "--merge", "greedy"))):
+        r = cli("compress", str(gguf), "--format", "bitstack", "--iters", "3", "--rank", "2", *opts,
+                "-o", str(tmp_path / f"{name}.bitstack"))
+        assert r.returncode == 0, r.stderr
+        with Store.open(tmp_path / f"{name}.bitstack") as st:
+            meta[name] = st.meta["bitstack"]
+    assert (meta["default"]["importance"], meta["default"]["merge"]) == ("taylor", "levels")
+    assert (meta["proxy"]["importance"], meta["proxy"]["merge"]) == ("proxy", "greedy")
+    compress(str(gguf), tmp_path / "api.bitstack", iters=3, rank=2, importance="proxy", merge="greedy")
+    with Store.open(tmp_path / "api.bitstack") as st:
+        assert st.meta["bitstack"]["order"] == meta["proxy"]["order"]
+    assert meta["default"]["order"] != meta["proxy"]["order"]
+    for bad in (("--importance", "magic"), ("--merge", "zigzag")):
+        r = cli("compress", str(gguf), "--format", "bitstack", *bad, "-o", str(tmp_path / "bad.bitstack"))
+        assert r.returncode == 2 and bad[1] in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "bad.bitstack").exists()
