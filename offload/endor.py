@@ -13,11 +13,13 @@ scratch memory bounded by one tile, and tiles can be decoded in parallel on a GP
 decoded tensor equals the pruned dense tensor bit for bit (for int8 values: the pruned tensor
 after `quantize_rows`, the reference that test compares to).
 
-Decoding on CPU is vectorized over a whole range of rows, with no per-tile loop: numpy unpacks
-the bitmap to a bool mask and takes the positions of its ones (flatnonzero), one torch scatter
-writes the values there, and one searchsorted checks every tile's count against the offsets.
-About 0.9 ns per weight on one core (docs/OFFLOAD.md); the steps release the GIL, so row ranges
-decode in parallel threads. On CUDA: torch (shift-and-mask, masked_scatter).
+Decoding on CPU is vectorized over a whole range of rows, with no per-tile loop. 16-bit values
+into a same-width target: a C kernel compiled on first use (offload/native.py, endor_kernel.c;
+about 0.12 ns per weight on one core). Otherwise, or without a C compiler: numpy unpacks the
+bitmap to a bool mask and takes the positions of its ones (flatnonzero), one torch scatter
+writes the values there, and one searchsorted checks every tile's count against the offsets
+(about 0.9 ns per weight). Both release the GIL, so row ranges decode in parallel threads, and
+write the same bits (docs/OFFLOAD.md). On CUDA: torch (shift-and-mask, masked_scatter).
 Bytes per weight at density d: bf16 values 2 d + 1/8 (1.125 at 50%, 1.78x fewer than dense
 bf16); int8 values d + 1/8 + 4 / K.
 """
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from offload import native
 
 FORMAT_VERSION = 1
 DEFAULT_TILE_ROWS = 256
@@ -155,7 +159,6 @@ def _scatter(parts: dict[str, torch.Tensor], spec: dict, plane: torch.Tensor) ->
     values = parts["values"].view(plane.dtype) if parts["values"].element_size() == plane.element_size() \
         else parts["values"]
     if plane.device.type == "cpu":
-        plane.zero_()
         _scatter_cpu(parts["bitmap"].numpy(), values, parts["tile_offsets"].numpy(), spec["tile_rows"],
                      plane.view(-1))
     else:
@@ -164,20 +167,25 @@ def _scatter(parts: dict[str, torch.Tensor], spec: dict, plane: torch.Tensor) ->
 
 def _scatter_cpu(bitmap: np.ndarray, values: torch.Tensor, offsets: np.ndarray, tile_rows: int,
                  plane: torch.Tensor) -> None:
-    """Write `values` at the bitmap's set bits of `plane` (already zeroed), vectorized over all rows:
-    numpy unpacks the bitmap to a bool mask and takes the positions of its ones, one torch scatter
-    puts the values there. Each step releases the GIL.
+    """Write `values` at the bitmap's set bits of `plane` and zeros elsewhere, vectorized over all
+    rows. 16-bit values into a contiguous plane: the native kernel (offload/native.py, ~0.2 ns per
+    weight). Otherwise numpy unpacks the bitmap to a bool mask and takes the positions of its ones,
+    one torch scatter puts the values there (~0.8 ns per weight). Both release the GIL and check
+    every tile's count against the offsets.
 
     Args:
         bitmap: uint8 [R, ceil(K / 8)], the rows to decode.
         values: the rows' nonzeros in row-major order, as integers of plane's dtype.
         offsets: [n_tiles + 1] index of each tile's first value, relative to values[0].
         tile_rows: rows per tile (the bitmap's first row starts a tile).
-        plane: zeroed 1-D integer tensor of R * K elements (possibly strided: the top halves of
-            a widening target).
+        plane: 1-D integer tensor of R * K elements (possibly strided: the top halves of a
+            widening target, whose other halves the caller zeroes).
     """
     R = bitmap.shape[0]
     K = plane.numel() // R if R else 0
+    if _scatter_native(bitmap, values, offsets, tile_rows, plane, R, K):
+        return
+    plane.zero_()
     mask = np.unpackbits(bitmap, axis=1, count=K, bitorder="little").view(np.bool_)  # [R, K]; bool: fast nonzero
     pos = mask.ravel().nonzero()[0]  # [nnz] ascending (np.flatnonzero without its Python wrapper)
     # The count of positions before each tile's first row must be the stored offset: a corrupt
@@ -190,6 +198,21 @@ def _scatter_cpu(bitmap: np.ndarray, values: torch.Tensor, offsets: np.ndarray, 
     if pos.size != values.numel():
         raise ValueError(f"Endor: bitmap has {pos.size} nonzeros, {values.numel()} values are stored")
     plane.scatter_(0, torch.from_numpy(pos), values)  # ~2x faster than numpy's fancy assignment
+
+
+def _scatter_native(bitmap, values, offsets, tile_rows, plane, R, K) -> bool:
+    """The native kernel's decode; False where it does not apply or the data do not check out
+    (then the numpy path redoes it and raises the precise error)."""
+    if not (R and plane.dtype == torch.int16 and values.dtype == torch.int16 and plane.is_contiguous()
+            and values.is_contiguous() and bitmap.flags.c_contiguous and bitmap.shape[1] == (K + 7) // 8):
+        return False
+    kernel = native.endor_kernel()
+    if kernel is None:
+        return False
+    counted = np.empty(len(offsets), dtype=np.int64)
+    used = kernel(bitmap.ctypes.data, R, K, values.data_ptr(), values.numel(), plane.data_ptr(), tile_rows,
+                  counted.ctypes.data, len(counted))
+    return used == values.numel() and np.array_equal(counted, offsets)
 
 
 @functools.lru_cache(maxsize=256)
@@ -221,10 +244,11 @@ def decode_rows(parts: dict[str, torch.Tensor], spec: dict, r0: int, r1: int, ou
     lo, hi = int(offsets[t0]), int(offsets[t1])
     vals = parts["values"][lo:hi]
     if spec["values"] == "int8":
-        codes = torch.zeros((r1 - r0) * K, dtype=torch.int8)
+        codes = torch.empty((r1 - r0) * K, dtype=torch.int8)
         _scatter_cpu(bitmap[r0:r1], vals, offsets[t0 : t1 + 1] - lo, tr, codes)
         return out.copy_(dequantize_rows(codes.view(r1 - r0, K), parts["scales"][r0:r1], dtype))
-    out.zero_()
+    if out.dtype != dtype:
+        out.zero_()  # a widening target: the halves the values do not go to
     plane, vals = _plane_and_values(out, vals, dtype)
     _scatter_cpu(bitmap[r0:r1], vals, offsets[t0 : t1 + 1] - lo, tr, plane)
     return out

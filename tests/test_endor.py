@@ -7,8 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from offload import endor
+from offload import endor, native
 from offload.prune import heldout_text, calibration_text, prune_mask, prune_weight
+
+
+@pytest.fixture(params=["native", "numpy"], autouse=True)
+def decode_path(request, monkeypatch):
+    """Every test runs on both CPU decodes: the compiled kernel (offload/native.py) and numpy."""
+    native.endor_kernel.cache_clear()
+    if request.param == "numpy":
+        monkeypatch.setenv("EDGE_RT_NATIVE", "0")
+    elif native.endor_kernel() is None:
+        pytest.skip("no native Endor kernel here (no C compiler)")
+    yield request.param
+    native.endor_kernel.cache_clear()
 
 
 def _pruned(N, K, dtype, seed=0, sparsity=0.5):
@@ -384,3 +396,36 @@ def test_cuda_decode_and_streamed_run(tiny_stores):
         ids = llm.encode("def f(x): return x")
         runs.append((llm.backend.forward(ids, all_logits=True), llm.generate("def f", max_tokens=8).token_ids))
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+
+
+def test_native_kernel_builds_and_is_used(decode_path, tmp_path, monkeypatch):
+    """With a C compiler on PATH the kernel builds (into $EDGE_RT_HOME/native) and decodes bf16
+    rows; without one, decoding falls back to numpy with one warning and the same bits."""
+    import shutil
+
+    monkeypatch.setenv("EDGE_RT_HOME", str(tmp_path))
+    native.endor_kernel.cache_clear()
+    w = _pruned(64, 40, torch.bfloat16)
+    e = endor.encode(w, tile_rows=16)
+    p = _parts(e)
+    plane = torch.empty(64 * 40, dtype=torch.int16)
+    if decode_path == "numpy":
+        assert native.endor_kernel() is None
+        assert not endor._scatter_native(e.bitmap, p["values"].view(torch.int16), e.tile_offsets, 16, plane, 64, 40)
+        monkeypatch.delenv("EDGE_RT_NATIVE")
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        native.endor_kernel.cache_clear()
+        with pytest.warns(RuntimeWarning, match="no C compiler"):
+            assert native.endor_kernel() is None
+        assert torch.equal(_bits(endor.decode(p, e.spec())), _bits(w))
+        return
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    assert native.endor_kernel() is not None and list((tmp_path / "native").glob("endor_kernel-*.so"))
+    assert endor._scatter_native(e.bitmap, p["values"].view(torch.int16), e.tile_offsets, 16, plane, 64, 40)
+    assert torch.equal(_bits(plane), _bits(w))
+    # data that do not check out are left to the numpy path, which names the error
+    assert not endor._scatter_native(e.bitmap, p["values"].view(torch.int16)[:-1], e.tile_offsets, 16, plane, 64, 40)
+    bad = e.tile_offsets.copy()
+    bad[2] += 1
+    assert not endor._scatter_native(e.bitmap, p["values"].view(torch.int16), bad, 16, plane, 64, 40)
