@@ -228,41 +228,50 @@ def test_onnx_quantized_bundles_are_smaller_and_close(tmp_path):
     assert sizes["8da4w"] < sizes["int8"] < 0.5 * sizes["none"]
 
 
-@pytest.mark.parametrize("qtype,want_bits,grid", [("Q4_1", 4, "asymmetric"), ("Q8_0", 8, "symmetric")])
+@pytest.mark.parametrize("qtype,want_bits,grid", [("Q4_1", 4, "asymmetric"), ("Q8_0", 8, "symmetric"),
+                                                  ("F32", 4, None), ("F32", 8, None)])
 def test_blockwise_grid_reproduces_gguf_weights(qtype, want_bits, grid):
-    """The MatMulNBits weights of a GGUF-dequantized matrix equal it (ORT's own product as the check).
+    """The MatMulNBits nodes of a GGUF-dequantized matrix reproduce it (ORT's own product as the check).
 
     A Q4_1 block is m + d * q (q 0..15), a Q8_0 block d * q (q -127..127), 32 inputs each: the
     chosen grid contains them, so the quantized product equals the fp32 one up to fp32 rounding.
-    Re-quantizing on a grid that does not contain them (the old symmetric 4-bit / per-channel
-    int8) gives errors ~1e-1 relative here.
+    The nodes are the fast kernel's form (4-bit codes, zero point 8, block offsets, 8 bits as two
+    halves); an F32 matrix gets round-to-nearest on the grid, and the nodes equal the grid's own
+    dequantized weights. Re-quantizing on a grid that does not contain them (the old symmetric
+    4-bit / per-channel int8) gives errors ~1e-1 relative here.
     """
     import numpy as np
     import onnxruntime as ort
     from gguf import GGMLQuantizationType as QT
     from gguf import quants as gq
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
-    from edge_rt.export.onnx_quant import BLOCK, quantize_matrix
+    from edge_rt.export.onnx_quant import _dequant, matmul_nodes, quantize_matrix
 
     rng = np.random.default_rng(0)
     K, N = 128, 96
-    w = gq.dequantize(gq.quantize(rng.standard_normal((N, K)).astype(np.float32), QT[qtype]), QT[qtype]).T  # [K, N]
-    q, s, zp, bits, chosen = quantize_matrix(np.ascontiguousarray(w), 8)
-    assert (bits, chosen) == (want_bits, grid)
-    inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(s, "s")]
-    if zp is not None:
-        inits.append(numpy_helper.from_array(zp, "zp"))
-    node = helper.make_node("MatMulNBits", ["x", "q", "s"] + (["zp"] if zp is not None else []), ["y"],
-                            domain="com.microsoft", K=K, N=N, bits=bits, block_size=BLOCK, accuracy_level=0)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, K])],
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    if qtype != "F32":
+        w = gq.dequantize(gq.quantize(w, QT[qtype]), QT[qtype])
+    w = np.ascontiguousarray(w.T)  # [K, N]
+    q, s, zp, bits, chosen = quantize_matrix(w, want_bits)
+    assert bits == want_bits and (grid is None or chosen == grid)
+    grid_w = _dequant(q, s, zp, bits).reshape(N, K).T  # the grid's weights [K, N]
+    if qtype != "F32":
+        assert np.abs(grid_w - w).max() <= 1e-5 * np.abs(w).max()
+    nodes, inits, _, _ = matmul_nodes("x", "y", "m", w, want_bits, {})
+    ops = [n.op_type for n in nodes]
+    assert ops.count("MatMulNBits") == 1 and all(a.i == 4 for n in nodes for a in n.attribute if a.name == "bits")
+    assert ("Concat" in ops) == (bits == 8)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, K])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, N])], inits)
     model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
                                                                    helper.make_opsetid("com.microsoft", 1)])
     x = rng.standard_normal((4, K)).astype(np.float32)
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    want = x.astype(np.float64) @ w.astype(np.float64)
-    assert np.abs(y - want).max() <= 1e-4 * np.abs(want).max()
+    want = x.astype(np.float64) @ grid_w.astype(np.float64)
+    assert np.abs(y - want).max() <= 1e-5 * np.abs(want).max() * np.sqrt(K)
+    assert np.abs(grid_w - w).max() < 0.5 * np.abs(w).max()  # the grid itself is near w
 
 
 @pytest.mark.parametrize("qtype,quant", [("Q4_1", "8da4w"), ("Q4_1", "int8"), ("Q8_0", "int8")])

@@ -53,6 +53,8 @@ _ET_KERNEL = ("XNNPACK int8 x int4/int8 linears, torchao IntxUnpackedToInt8Tenso
               "group sums), Q8_0 exact as two 4-bit halves")
 _ET_ACTS = ("activations as two int8 rows per token (x on the kernel's own grid, then the remainder); "
             "embedding: int8 codes with group scales (the file's where it has them)")
+_ORT_FORM = ("on the fast kernel's form (4-bit codes with zero point 8, 8 bits as two 4-bit halves, zero "
+             "points as block offsets through an fp32 product of the input's block sums); fp32 activations")
 # quant -> what the manifest says was done, per format
 QUANT_METHODS = {
     ("executorch", "int8"): f"{_ET_KERNEL}; weights of at most 8 bits (others symmetric 8-bit per output "
@@ -61,9 +63,9 @@ QUANT_METHODS = {
                              "inputs), output projection at most 8 bits (others symmetric 8-bit per output "
                              f"channel); {_ET_ACTS}",
     ("onnx", "int8"): f"MatMulNBits, weights of at most 8 bits in blocks of {GROUP_SIZE} inputs, per matrix the "
-                      "grid (symmetric / asymmetric, 4 / 8 bits) that reproduces it best; fp32 activations",
+                      f"grid (symmetric / asymmetric, 4 / 8 bits) that reproduces it best; {_ORT_FORM}",
     ("onnx", "8da4w"): f"MatMulNBits, 4-bit weights in blocks of {GROUP_SIZE} inputs (output projection at most 8 "
-                       "bits), per matrix the grid that reproduces it best; fp32 activations",
+                       f"bits), per matrix the grid that reproduces it best; {_ORT_FORM}",
 }
 
 

@@ -15,8 +15,16 @@ Most bits per scheme: 8da4w = 4-bit layers and an up-to-8-bit output projection 
 model is the Q8_0 embedding; 4 bits there cost ~15% top-1 on SmolLM2); int8 = up to 8 bits
 everywhere (Q4_1 layers stay at 4 bits: the 4-bit grid is exact for them, 8 bits would not be).
 The manifest counts the matrices per grid (quantization.matrices).
-Every MatMulNBits node has accuracy_level 0: ONNX Runtime's CPU kernel dequantizes the weights and
-multiplies in fp32, so no activation is quantized (weight-only quantization).
+
+How the grid reaches ONNX Runtime: its fast CPU kernel for MatMulNBits (accuracy_level 0: weights
+dequantized block by block, fp32 products, so no activation is quantized) takes 4-bit codes with
+the default zero point 8; float zero points and 8 bits run a reference path 15-18x slower (one
+576 x 1536 matrix, one row: 40 us vs 737 us with float zero points, 669 us at 8 bits; the
+SmolLM2 bundle decoded at 5 tok/s against 34 unquantized). So every grid is rewritten exactly on
+that kernel (`fast_form`): a block w = (q - zp) s is (q - 8) s + (8 - zp) s, i.e. symmetric codes
+plus a per-block offset; an 8-bit code q = 16 h + l is two 4-bit codes over the input repeated
+twice, 16 s (h - 8) + s (l - 8) + (136 - zp) s. The offsets go through one small fp32 product of
+the input's block sums ([K/32, N]; inputs' block sums are shared by the matrices that read them).
 On a model that was not quantized before, the same schemes are ordinary block-wise round-to-nearest.
 """
 
@@ -79,9 +87,66 @@ def quantize_matrix(w: np.ndarray, max_bits: int):
             if best is None or err < best[0]:
                 best = (err, q, s, zp, bits, grid)
     _, q, s, zp, bits, grid = best
+    return q, s, zp, bits, grid
+
+
+def fast_form(q: np.ndarray, s: np.ndarray, zp, bits: int):
+    """A grid (quantize_matrix) as 4-bit codes with zero point 8 plus block offsets (module doc).
+
+    Returns (B [N, K'/32, 16] uint8, two codes a byte, the first in the low nibble; scales [N*K'/32];
+    offsets [K/32, N] fp32 or None where all are zero; repeat: K' = repeat * K, the input
+    concatenated `repeat` times). Exact: sum over the repeats of (B - 8) * scale, plus the offset,
+    is the grid's (q - zp) * s.
+    """
+    zpf = np.float32(2 ** (bits - 1)) if zp is None else zp.astype(np.float32)
     if bits == 4:
-        q = q[..., 0::2] | (q[..., 1::2] << 4)  # two codes a byte, the first in the low nibble
-    return q, s.reshape(-1), None if zp is None else zp.reshape(-1), bits, grid
+        codes, scales, offsets, repeat = q, s, (8 - zpf) * s, 1
+    else:  # 8 bits: q = 16 h + l, h and l in 0..15
+        codes = np.concatenate([q >> 4, q & 15], axis=1)
+        scales, offsets, repeat = np.concatenate([16 * s, s], axis=1), (136 - zpf) * s, 2
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    offsets = np.ascontiguousarray(offsets[..., 0].T, dtype=np.float32)  # [K/32, N]
+    return packed, scales.reshape(-1).astype(np.float32), (offsets if offsets.any() else None), repeat
+
+
+def matmul_nodes(x: str, y: str, base: str, w: np.ndarray, max_bits: int, sums: dict):
+    """ONNX nodes and initializers computing y = x @ w on the fast MatMulNBits kernel.
+
+    Args:
+        x, y: input and output names; base: a unique name prefix.
+        w: the [K, N] weight; max_bits: the most bits its grid may use (quantize_matrix).
+        sums: input name -> its block sums' name (and the block indicators made), shared between
+            the calls on one graph (filled here).
+    Returns:
+        (nodes, initializers, bits, grid).
+    """
+    from onnx import helper, numpy_helper
+
+    K, N = w.shape
+    q, s, zp, bits, grid = quantize_matrix(w, max_bits)
+    packed, scales, offsets, repeat = fast_form(q, s, zp, bits)
+    nodes, inits = [], [numpy_helper.from_array(packed, base + "_q"), numpy_helper.from_array(scales, base + "_scales")]
+    src = x
+    if repeat > 1:
+        src = f"{base}_x{repeat}"
+        nodes.append(helper.make_node("Concat", [x] * repeat, [src], name=src, axis=-1))
+    main = y if offsets is None else base + "_main"
+    nodes.append(helper.make_node("MatMulNBits", [src, base + "_q", base + "_scales"], [main], name=base,
+                                  domain="com.microsoft", K=K * repeat, N=N, bits=4, block_size=BLOCK,
+                                  accuracy_level=0))
+    if offsets is not None:
+        if x not in sums:  # x @ [K, K/32] indicator of the blocks (one per K): the block sums, any leading dims
+            sums[x] = f"{base}_blocksums"
+            ind = f"blocksum_indicator_{K}"
+            if ind not in sums:
+                sums[ind] = ind
+                inits.append(numpy_helper.from_array(
+                    np.kron(np.eye(K // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), dtype=np.float32)), ind))
+            nodes.append(helper.make_node("MatMul", [x, ind], [sums[x]], name=sums[x]))
+        inits.append(numpy_helper.from_array(offsets, base + "_offsets"))
+        nodes.append(helper.make_node("MatMul", [sums[x], base + "_offsets"], [base + "_off"], name=base + "_off"))
+        nodes.append(helper.make_node("Add", [main, base + "_off"], [y], name=base + "_add"))
+    return nodes, inits, bits, grid
 
 
 def _weight_of(node, inits: dict, producers: dict):
@@ -109,26 +174,23 @@ def quantize_onnx_blockwise(src: Path, dst: Path, quant: str, vocab_size: int) -
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
-    new_nodes, new_inits, counts = [], [], {"layers": 0, "head": 0, "kept_fp32": 0}
-    for node in g.node:
-        w = None
-        if node.op_type == "MatMul":
-            w = _weight_of(node, inits, producers)
+    new_nodes, new_inits, counts, sums = [], [], {"layers": 0, "head": 0, "kept_fp32": 0}, {}
+    weights = {id(n): _weight_of(n, inits, producers) for n in g.node if n.op_type == "MatMul"}
+    # the output projection: the last MatMul by a [K, vocab] weight (a layer may be as wide as the vocabulary)
+    head_id = max((k for k, n in enumerate(g.node) if weights.get(id(n)) is not None
+                   and weights[id(n)].shape[-1] == vocab_size), default=None)
+    for k, node in enumerate(g.node):
+        w = weights.get(id(node))
         if w is None or w.ndim != 2 or w.shape[0] % BLOCK:
-            counts["kept_fp32"] += node.op_type == "MatMul" and w is not None
+            counts["kept_fp32"] += w is not None
             new_nodes.append(node)
             continue
-        K, N = w.shape
-        head = N == vocab_size
-        q, s, zp, bits, grid = quantize_matrix(w, head_bits if head else layer_bits)
-        base = f"{node.name or node.output[0]}_nbits"
-        new_inits += [numpy_helper.from_array(q, base + "_q"), numpy_helper.from_array(s, base + "_scales")]
-        inputs = [node.input[0], base + "_q", base + "_scales"]
-        if zp is not None:
-            new_inits.append(numpy_helper.from_array(zp, base + "_zp"))
-            inputs.append(base + "_zp")
-        new_nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=base, domain="com.microsoft",
-                                          K=K, N=N, bits=bits, block_size=BLOCK, accuracy_level=0))
+        head = k == head_id
+        nodes, node_inits, bits, grid = matmul_nodes(node.input[0], node.output[0],
+                                                     f"{node.name or node.output[0]}_nbits", w,
+                                                     head_bits if head else layer_bits, sums)
+        new_nodes += nodes
+        new_inits += node_inits
         counts["head" if head else "layers"] += 1
         counts[f"{bits}-bit {grid}"] = counts.get(f"{bits}-bit {grid}", 0) + 1
     used = {i for n in new_nodes for i in n.input}
