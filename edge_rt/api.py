@@ -255,7 +255,7 @@ def _load_store(path, dev: Device, dtype, n_ctx, threads, budget, cpu_budget, pr
         from offload.loader import build_offloaded
 
         net, plan = build_offloaded(sm, dev.torch_device, dev.kind, compute, kv_dtype, n_ctx, max_ctx, budget,
-                                    cpu_budget, progress=progress)
+                                    cpu_budget, progress=progress, workers=threads)
     else:
         raise ModelFormatError(f"{sm.path}: store kind {sm.store.kind!r} is not supported")
     backend = TorchBackend(net, dev.torch_device, plan.n_ctx, kv_dtype=kv_dtype)

@@ -201,14 +201,17 @@ def _scatter_cpu(bitmap: np.ndarray, values: torch.Tensor, offsets: np.ndarray, 
 
 
 def _scatter_native(bitmap, values, offsets, tile_rows, plane, R, K) -> bool:
-    """The native kernel's decode; False where it does not apply or the data do not check out
-    (then the numpy path redoes it and raises the precise error)."""
-    if not (R and plane.dtype == torch.int16 and values.dtype == torch.int16 and plane.is_contiguous()
-            and values.is_contiguous() and bitmap.flags.c_contiguous and bitmap.shape[1] == (K + 7) // 8):
+    """The native kernel's decode into `plane`: int16 (the values' own width) or int32 (bf16 bits
+    into the upper halves: the fp32 of the same value). False where it does not apply or the data
+    do not check out (then the numpy path redoes it and raises the precise error)."""
+    if not (R and plane.dtype in (torch.int16, torch.int32) and values.dtype == torch.int16
+            and plane.is_contiguous() and values.is_contiguous() and bitmap.flags.c_contiguous
+            and bitmap.shape[1] == (K + 7) // 8 and plane.numel() == R * K):
         return False
-    kernel = native.endor_kernel()
-    if kernel is None:
+    kernels = native.endor_kernel()
+    if kernels is None or (plane.dtype == torch.int32 and sys.byteorder != "little"):
         return False
+    kernel = kernels[plane.dtype == torch.int32]
     counted = np.empty(len(offsets), dtype=np.int64)
     used = kernel(bitmap.ctypes.data, R, K, values.data_ptr(), values.numel(), plane.data_ptr(), tile_rows,
                   counted.ctypes.data, len(counted))
@@ -248,6 +251,10 @@ def decode_rows(parts: dict[str, torch.Tensor], spec: dict, r0: int, r1: int, ou
         _scatter_cpu(bitmap[r0:r1], vals, offsets[t0 : t1 + 1] - lo, tr, codes)
         return out.copy_(dequantize_rows(codes.view(r1 - r0, K), parts["scales"][r0:r1], dtype))
     if out.dtype != dtype:
+        if dtype == torch.bfloat16 and out.dtype == torch.float32 and out.is_contiguous() and _scatter_native(
+                bitmap[r0:r1], vals.view(torch.int16), offsets[t0 : t1 + 1] - lo, tr, out.view(torch.int32).view(-1),
+                r1 - r0, K):
+            return out
         out.zero_()  # a widening target: the halves the values do not go to
     plane, vals = _plane_and_values(out, vals, dtype)
     _scatter_cpu(bitmap[r0:r1], vals, offsets[t0 : t1 + 1] - lo, tr, plane)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -88,10 +89,29 @@ def scratch_elements(table: dict, stored: torch.dtype, compute: torch.dtype, dev
                * s["shape"][1] for s in need)
 
 
-def linear_workers(device_kind: str) -> int:
-    """Threads that compute the linear layers: on CPU torch's intra-op thread count (each worker
-    runs one intra-op thread), elsewhere 1 (the caller's thread queues the work)."""
-    return max(torch.get_num_threads(), 1) if device_kind == "cpu" else 1
+LINEAR_WORKERS_ENV = "EDGE_RT_LINEAR_WORKERS"
+
+
+def linear_workers(device_kind: str, requested: int | None = None) -> int:
+    """Threads that compute the linear layers (each runs one intra-op thread). Not on CPU: 1 (the
+    caller's thread queues the work). On CPU: `requested` (the `threads=` of `edge_rt.load`), else
+    $EDGE_RT_LINEAR_WORKERS, else 1 where the native Endor decode is built and torch's intra-op
+    thread count where it is not. Why 1: with the native decode (0.12 ns a weight) a chunk's work is
+    about as long as handing it to a helper thread and back, and on SmolLM2 on 2 cores one worker
+    ran faster (warm 12.1-13.0 against 9.5-10.8 tok/s with two; cold Endor 9.4-10.2 against
+    8.6-9.9; dense the same), leaving the second core to the reader (docs/OFFLOAD.md)."""
+    if device_kind != "cpu":
+        return 1
+    if requested:
+        return requested
+    env = os.environ.get(LINEAR_WORKERS_ENV, "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise InvalidOptionError(f"{LINEAR_WORKERS_ENV} must be an integer >= 1, got {env!r}")
+        return int(env)
+    from offload import native
+
+    return 1 if native.endor_kernel() is not None else max(torch.get_num_threads(), 1)
 
 
 def model_layout(store: Store, args, compute: torch.dtype, kv_dtype: torch.dtype, device_kind: str,
@@ -498,8 +518,9 @@ def _read_layer(store: Store, recs: dict[str, RecordInfo], device: torch.device,
 def build_offloaded(sm: StoreModel, device: torch.device, device_kind: str, dtype: torch.dtype,
                     kv_dtype: torch.dtype, n_ctx: int | None, max_ctx: int, budget: int | None,
                     cpu_budget: int | None, direct: bool = True, prefetch: int = 1,
-                    progress=None) -> tuple[Transformer, Plan]:
-    """Plan memory for a dense/Endor store and build the model that follows the plan.
+                    progress=None, workers: int | None = None) -> tuple[Transformer, Plan]:
+    """Plan memory for a dense/Endor store and build the model that follows the plan
+    (`workers`: linear workers asked for, see linear_workers).
 
     Returns:
         (model, plan); model.feed holds the LayerFeed (and its streamer, if any layer streams).
@@ -511,7 +532,7 @@ def build_offloaded(sm: StoreModel, device: torch.device, device_kind: str, dtyp
         raise InvalidOptionError(f"this store holds {str(stored).removeprefix('torch.')} weights; compute dtype "
                                  f"{str(dtype).removeprefix('torch.')} would round them (use it or a wider one)")
     workers, layout, plan = _plan(store, args, dtype, kv_dtype, device_kind, n_ctx, max_ctx, budget, cpu_budget,
-                                  prefetch)
+                                  prefetch, workers)
     with torch.device("meta"):
         model = Transformer(args)
     fixed = [(t, s) for t, s in table.items() if s.get("layer") is None]
@@ -576,11 +597,11 @@ def build_offloaded(sm: StoreModel, device: torch.device, device_kind: str, dtyp
 
 
 def _plan(store, args, dtype, kv_dtype, device_kind, n_ctx, max_ctx, budget, cpu_budget,
-          prefetch) -> tuple[int, ModelLayout, Plan]:
+          prefetch, requested: int | None = None) -> tuple[int, ModelLayout, Plan]:
     """(workers, layout, plan): every linear worker has its own scratch, so a tight budget may
     only fit one worker, or a longer context (n_ctx picked by the planner) with one: then one."""
     tries, err = [], None
-    for workers in dict.fromkeys((linear_workers(device_kind), 1)):
+    for workers in dict.fromkeys((linear_workers(device_kind, requested), 1)):
         layout = model_layout(store, args, dtype, kv_dtype, device_kind, workers)
         try:
             tries.append((workers, layout, plan_memory(layout, device_kind, budget, cpu_budget, n_ctx=n_ctx,

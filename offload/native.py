@@ -63,7 +63,8 @@ def _build(src: Path, out_dir: Path) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def endor_kernel():
-    """The compiled `edge_rt_endor_decode16` (ctypes function), or None (see the module doc)."""
+    """The compiled Endor decode: (`edge_rt_endor_decode16`, `edge_rt_endor_decode16to32`) ctypes
+    functions, or None (see the module doc)."""
     if os.environ.get("EDGE_RT_NATIVE", "1") == "0":
         return None
     from edge_rt.loading.resolve import edge_rt_home
@@ -76,8 +77,9 @@ def endor_kernel():
         return None
     lib.edge_rt_endor_init.restype = None
     lib.edge_rt_endor_init()
-    fn = lib.edge_rt_endor_decode16
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, i64, p, i64, p, i64, p, i64]
-    fn.restype = i64
-    return fn
+    fns = (lib.edge_rt_endor_decode16, lib.edge_rt_endor_decode16to32)
+    for fn in fns:
+        fn.argtypes = [p, i64, i64, p, i64, p, i64, p, i64]
+        fn.restype = i64
+    return fns

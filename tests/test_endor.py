@@ -424,8 +424,29 @@ def test_native_kernel_builds_and_is_used(decode_path, tmp_path, monkeypatch):
     assert native.endor_kernel() is not None and list((tmp_path / "native").glob("endor_kernel-*.so"))
     assert endor._scatter_native(e.bitmap, p["values"].view(torch.int16), e.tile_offsets, 16, plane, 64, 40)
     assert torch.equal(_bits(plane), _bits(w))
+    wide = torch.full((64 * 40,), -1, dtype=torch.int32)  # bf16 widened to fp32 in the same call
+    assert endor._scatter_native(e.bitmap, p["values"].view(torch.int16), e.tile_offsets, 16, wide, 64, 40)
+    assert torch.equal(_bits(wide), _bits(w.float()))
     # data that do not check out are left to the numpy path, which names the error
     assert not endor._scatter_native(e.bitmap, p["values"].view(torch.int16)[:-1], e.tile_offsets, 16, plane, 64, 40)
     bad = e.tile_offsets.copy()
     bad[2] += 1
     assert not endor._scatter_native(e.bitmap, p["values"].view(torch.int16), bad, 16, plane, 64, 40)
+
+
+def test_linear_workers_default_follows_the_decode(decode_path, monkeypatch, restore_threads):
+    """One linear worker where the native decode is built, torch's threads where it is not;
+    `threads=` of load and $EDGE_RT_LINEAR_WORKERS choose; a bad value is a one-line error."""
+    from edge_rt.errors import InvalidOptionError
+    from offload.loader import LINEAR_WORKERS_ENV, linear_workers
+
+    monkeypatch.delenv(LINEAR_WORKERS_ENV, raising=False)
+    torch.set_num_threads(2)
+    assert linear_workers("cpu") == (1 if decode_path == "native" else 2)
+    assert linear_workers("cpu", 3) == 3 and linear_workers("cuda", 3) == 1
+    monkeypatch.setenv(LINEAR_WORKERS_ENV, "2")
+    assert linear_workers("cpu") == 2
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(LINEAR_WORKERS_ENV, bad)
+        with pytest.raises(InvalidOptionError, match=LINEAR_WORKERS_ENV):
+            linear_workers("cpu")
