@@ -24,7 +24,7 @@ SmolLM2 bundle decoded at 5 tok/s against 34 unquantized). So every grid is rewr
 that kernel (`fast_form`): a block w = (q - zp) s is (q - 8) s + (8 - zp) s, i.e. symmetric codes
 plus a per-block offset; an 8-bit code q = 16 h + l is two 4-bit codes over the input repeated
 twice, 16 s (h - 8) + s (l - 8) + (136 - zp) s. The offsets go through one small fp32 product of
-the input's block sums ([K/32, N]; inputs' block sums are shared by the matrices that read them).
+the input's block sums ([K/32, N]; an input's block sums are shared by the matrices that read it).
 On a model that was not quantized before, the same schemes are ordinary block-wise round-to-nearest.
 """
 
@@ -109,14 +109,15 @@ def fast_form(q: np.ndarray, s: np.ndarray, zp, bits: int):
     return packed, scales.reshape(-1).astype(np.float32), (offsets if offsets.any() else None), repeat
 
 
-def matmul_nodes(x: str, y: str, base: str, w: np.ndarray, max_bits: int, sums: dict):
+def matmul_nodes(x: str, y: str, base: str, w: np.ndarray, max_bits: int, made: dict):
     """ONNX nodes and initializers computing y = x @ w on the fast MatMulNBits kernel.
 
     Args:
         x, y: input and output names; base: a unique name prefix.
         w: the [K, N] weight; max_bits: the most bits its grid may use (quantize_matrix).
-        sums: input name -> its block sums' name (and the block indicators made), shared between
-            the calls on one graph (filled here).
+        made: what earlier calls on the same graph made, shared so each is made once (filled
+            here): ("sums", input name) -> its block sums' name, ("indicator", K) -> the [K, K/32]
+            block indicator's name.
     Returns:
         (nodes, initializers, bits, grid).
     """
@@ -135,16 +136,17 @@ def matmul_nodes(x: str, y: str, base: str, w: np.ndarray, max_bits: int, sums: 
                                   domain="com.microsoft", K=K * repeat, N=N, bits=4, block_size=BLOCK,
                                   accuracy_level=0))
     if offsets is not None:
-        if x not in sums:  # x @ [K, K/32] indicator of the blocks (one per K): the block sums, any leading dims
-            sums[x] = f"{base}_blocksums"
-            ind = f"blocksum_indicator_{K}"
-            if ind not in sums:
-                sums[ind] = ind
-                inits.append(numpy_helper.from_array(
-                    np.kron(np.eye(K // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), dtype=np.float32)), ind))
-            nodes.append(helper.make_node("MatMul", [x, ind], [sums[x]], name=sums[x]))
+        if ("indicator", K) not in made:  # x @ [K, K/32] indicator of the blocks: the block sums, any leading dims
+            made["indicator", K] = f"blocksum_indicator_{K}"
+            inits.append(numpy_helper.from_array(
+                np.kron(np.eye(K // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), dtype=np.float32)),
+                made["indicator", K]))
+        if ("sums", x) not in made:
+            made["sums", x] = f"{base}_blocksums"
+            nodes.append(helper.make_node("MatMul", [x, made["indicator", K]], [made["sums", x]], name=made["sums", x]))
         inits.append(numpy_helper.from_array(offsets, base + "_offsets"))
-        nodes.append(helper.make_node("MatMul", [sums[x], base + "_offsets"], [base + "_off"], name=base + "_off"))
+        nodes.append(helper.make_node("MatMul", [made["sums", x], base + "_offsets"], [base + "_off"],
+                                      name=base + "_off"))
         nodes.append(helper.make_node("Add", [main, base + "_off"], [y], name=base + "_add"))
     return nodes, inits, bits, grid
 
@@ -167,14 +169,14 @@ def _weight_of(node, inits: dict, producers: dict):
 def quantize_onnx_blockwise(src: Path, dst: Path, quant: str, vocab_size: int) -> dict:
     """Replace every MatMul by a constant 2-D weight with MatMulNBits; returns counts for the manifest."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     layer_bits, head_bits = SCHEMES[quant]
     model = onnx.load(str(src))
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
-    new_nodes, new_inits, counts, sums = [], [], {"layers": 0, "head": 0, "kept_fp32": 0}, {}
+    new_nodes, new_inits, counts, made = [], [], {"layers": 0, "head": 0, "kept_fp32": 0}, {}
     weights = {id(n): _weight_of(n, inits, producers) for n in g.node if n.op_type == "MatMul"}
     # the output projection: the last MatMul by a [K, vocab] weight (a layer may be as wide as the vocabulary)
     head_id = max((k for k, n in enumerate(g.node) if weights.get(id(n)) is not None
@@ -188,7 +190,7 @@ def quantize_onnx_blockwise(src: Path, dst: Path, quant: str, vocab_size: int) -
         head = k == head_id
         nodes, node_inits, bits, grid = matmul_nodes(node.input[0], node.output[0],
                                                      f"{node.name or node.output[0]}_nbits", w,
-                                                     head_bits if head else layer_bits, sums)
+                                                     head_bits if head else layer_bits, made)
         new_nodes += nodes
         new_inits += node_inits
         counts["head" if head else "layers"] += 1
