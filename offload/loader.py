@@ -28,7 +28,7 @@ from edge_rt.errors import InvalidOptionError, ModelFormatError
 from edge_rt.memory.planner import LayerWeights, ModelLayout, Plan, plan_memory
 from edge_rt.models.linear import swap_linear
 from edge_rt.models.llama import Transformer, rope_table
-from offload import endor
+from offload import endor, native
 from offload.store import RecordInfo, Store, StoreModel
 from offload.streamer import Streamer, read_span
 
@@ -109,8 +109,6 @@ def linear_workers(device_kind: str, requested: int | None = None) -> int:
         if not env.isdigit() or int(env) < 1:
             raise InvalidOptionError(f"{LINEAR_WORKERS_ENV} must be an integer >= 1, got {env!r}")
         return int(env)
-    from offload import native
-
     return 1 if native.endor_kernel() is not None else max(torch.get_num_threads(), 1)
 
 
@@ -188,8 +186,8 @@ class LinearPool:
     """Computes the row chunks of the offloaded linear layers on `workers` threads: the calling
     thread and workers - 1 helpers, each with its own scratch (a chunk of decoded / widened rows).
 
-    On CPU every worker runs torch with one intra-op thread: decoding a chunk (numpy + torch, GIL
-    released) and its product run in parallel across chunks, and no intra-op thread pool spins
+    On CPU every worker runs torch with one intra-op thread: decoding a chunk (the native kernel
+    or numpy + torch, GIL released) and its product run in parallel across chunks, and no intra-op thread pool spins
     beside them (one-row bf16 products on 2 intra-op threads cost 30-40x the CPU time of one
     thread here: docs/OFFLOAD.md). The model's forward runs with one intra-op thread on the
     calling thread for the same reason (`single_intra_op_thread`). On accelerators there is one
