@@ -1,9 +1,11 @@
 /* Endor bitmap decode (offload/endor.py, compiled on first use by offload/native.py).
  *
  * Writes 16-bit values (bf16/fp16 bit patterns) at the set bits of a row-major bitmap and zeros
- * at the clear ones, row by row (or bf16 bits into the upper halves of fp32 words). On x86-64 with SSSE3 each bitmap byte is one 16-byte load of the
- * next values, one byte shuffle (a 256-entry table: lane i takes value popcount(b & ((1 << i) - 1))
- * or zero) and one 16-byte store; elsewhere a scalar loop. Never reads past values[n - 1].
+ * at the clear ones, row by row (or bf16 bits into the upper halves of fp32 words). On x86-64
+ * with SSSE3 each bitmap byte is one 16-byte load of the next values, one byte shuffle (a
+ * 256-entry table: lane i takes value popcount(b & ((1 << i) - 1)) or zero) and one 16-byte
+ * store (two, unpacked against zeros, for fp32); elsewhere a scalar loop. Never reads past
+ * values[n - 1].
  */
 #include <stdint.h>
 #if defined(__x86_64__) && defined(__SSSE3__)
