@@ -168,9 +168,9 @@ def _scatter(parts: dict[str, torch.Tensor], spec: dict, plane: torch.Tensor) ->
 def _scatter_cpu(bitmap: np.ndarray, values: torch.Tensor, offsets: np.ndarray, tile_rows: int,
                  plane: torch.Tensor) -> None:
     """Write `values` at the bitmap's set bits of `plane` and zeros elsewhere, vectorized over all
-    rows. 16-bit values into a contiguous plane: the native kernel (offload/native.py, ~0.2 ns per
+    rows. 16-bit values into a contiguous plane: the native kernel (offload/native.py, ~0.12 ns per
     weight). Otherwise numpy unpacks the bitmap to a bool mask and takes the positions of its ones,
-    one torch scatter puts the values there (~0.8 ns per weight). Both release the GIL and check
+    one torch scatter puts the values there (~0.9 ns per weight). Both release the GIL and check
     every tile's count against the offsets.
 
     Args:
