@@ -2,11 +2,9 @@
 
   decode    ns per weight of `offload.endor.decode_rows` on one core, native kernel vs numpy, for
             a bf16 matrix at 50% (same width, and widened to fp32); alternating, medians.
-  reads     cold decoding from the Endor store (O_DIRECT) with Python's GIL switch interval at its
-            default (5 ms) vs --switch-interval-ms (0.2): tok/s and the GB/s of the reads themselves
-            (timed around Store.read_range). One fresh process per sample, alternating. (The
-            streamer lowered the interval for a while; with one linear worker this probe showed no
-            gain, so it does not: docs/OFFLOAD.md.)
+  reads     cold decoding from a store (O_DIRECT), the reader's GIL switch interval at Python's
+            default (5 ms) vs offload.streamer.SWITCH_INTERVAL_S: tok/s and the GB/s of the reads
+            themselves (timed around Store.read_range). One fresh process per sample, alternating.
   workers   linear workers 1 vs 2 (EDGE_RT_LINEAR_WORKERS), warm (page cache) and cold, Endor and
             dense stores. One fresh process per sample, alternating.
 
@@ -73,7 +71,9 @@ def _child(args) -> None:
 
     torch.set_num_threads(2)
     if args.switch_interval:
-        sys.setswitchinterval(args.switch_interval)
+        from offload import streamer
+
+        streamer.SWITCH_INTERVAL_S = args.switch_interval
     import edge_rt
     from offload.store import Store
 
@@ -127,12 +127,13 @@ def _collect(args, configs: dict) -> dict:
 
 
 def probe_reads(args) -> dict:
+    from offload.streamer import SWITCH_INTERVAL_S
+
     endor_store = Path(args.work) / "smollm2-endor.ews"
     env = {"EDGE_RT_LINEAR_WORKERS": "1"}
-    low = args.switch_interval_ms / 1e3
-    return {"switch_interval_s": low, "sides": _collect(args, {
-        "endor_cold_default_5ms": lambda: _sample(args, endor_store, False, env),
-        f"endor_cold_{args.switch_interval_ms:g}ms": lambda: _sample(args, endor_store, False, env, switch=low)})}
+    return {"switch_interval_s": SWITCH_INTERVAL_S, "sides": _collect(args, {
+        "endor_cold_default_5ms": lambda: _sample(args, endor_store, False, env, switch=0.005),
+        f"endor_cold_{SWITCH_INTERVAL_S * 1e3:g}ms": lambda: _sample(args, endor_store, False, env)})}
 
 
 def probe_workers(args) -> dict:
@@ -152,7 +153,6 @@ def main() -> None:
     ap.add_argument("--work", default="bench_results/offload", help="scripts/bench_offload.py's stores")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--switch-interval-ms", type=float, default=0.2, help="reads: the lowered GIL switch interval")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)

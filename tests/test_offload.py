@@ -355,6 +355,30 @@ def test_streamer_recovers_from_an_aborted_forward(tiny_store):
     assert torch.equal(_run(llm)[0], want[0])
 
 
+def test_switch_interval_is_lowered_while_a_reader_runs_and_restored(tiny_store):
+    """Two streamed models, one closed after the other: the interval is low while either reads,
+    the caller's own value again once both readers stopped (restarts included)."""
+    import sys
+
+    import edge_rt
+    from offload import streamer as sm
+
+    before = sys.getswitchinterval()
+    assert before > sm.SWITCH_INTERVAL_S
+    a = edge_rt.load(tiny_store, device="cpu", n_ctx=64, budget=_min_budget(tiny_store))
+    b = edge_rt.load(tiny_store, device="cpu", n_ctx=64, budget=_min_budget(tiny_store))
+    sa, sb = a.backend.model.feed.streamer, b.backend.model.feed.streamer
+    assert sys.getswitchinterval() == pytest.approx(sm.SWITCH_INTERVAL_S)
+    sa.restart(0)
+    _run(a)
+    sa.close()
+    assert sys.getswitchinterval() == pytest.approx(sm.SWITCH_INTERVAL_S)  # b still reads
+    sb.close()
+    assert sys.getswitchinterval() == before
+    sb.close()  # closing twice changes nothing
+    assert sys.getswitchinterval() == before
+
+
 def _min_budget(store_path):
     from edge_rt.memory.planner import minimum_budget
     from offload.loader import model_layout
