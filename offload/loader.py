@@ -98,8 +98,8 @@ def linear_workers(device_kind: str, requested: int | None = None) -> int:
     $EDGE_RT_LINEAR_WORKERS, else 1 where the native Endor decode is built and torch's intra-op
     thread count where it is not. Why 1: with the native decode (0.12 ns a weight) a chunk's work is
     about as long as handing it to a helper thread and back, and on SmolLM2 on 2 cores one worker
-    ran faster (warm 12.1-13.0 against 9.5-10.8 tok/s with two; cold Endor 9.4-10.2 against
-    8.6-9.9; dense the same), leaving the second core to the reader (docs/OFFLOAD.md)."""
+    ran faster (Endor warm 12.7 against 9.9 tok/s with two, cold 10.6 against 9.7; medians of
+    scripts/bench_offload_probes.py workers), leaving the second core to the reader (docs/OFFLOAD.md)."""
     if device_kind != "cpu":
         return 1
     if requested:

@@ -27,7 +27,8 @@ The GIL: a read releases it, but the reader needs it back to hand the layer over
 next read, and with Python's default switch interval (5 ms) a busy compute thread keeps it for
 up to that long, which is longer than reading a 4 MB layer. While any reader thread runs, the
 interpreter's switch interval is lowered to SWITCH_INTERVAL_S (restored when the last one
-stops): on SmolLM2's Endor store the reads went from 0.99-1.15 to 1.19-1.45 GB/s (docs/OFFLOAD.md).
+stops): in the offload benchmark, interleaved with and without, Endor / dense streaming went from
+1.68-1.81x to 1.96x (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
