@@ -21,8 +21,8 @@ dequantized block by block, fp32 products, so no activation is quantized) takes 
 the default zero point 8; float zero points and 8 bits run a slower path (one 576 x 1536 matrix,
 one row: 130 us against 990 us with float zero points, 860 us at 8 bits,
 scripts/bench_ort_matmulnbits.py; the SmolLM2 bundle decoded at 5 tok/s against 34 unquantized).
-So every grid is rewritten exactly on that kernel (`fast_form`): a block w = (q - zp) s is (q - 8) s + (8 - zp) s, i.e. symmetric codes
-plus a per-block offset; an 8-bit code q = 16 h + l is two 4-bit codes over the input repeated
+So every grid is rewritten exactly on that kernel (`fast_form`): a block w = (q - zp) s is
+(q - 8) s + (8 - zp) s, i.e. symmetric codes plus a per-block offset; an 8-bit code q = 16 h + l is two 4-bit codes over the input repeated
 twice, 16 s (h - 8) + s (l - 8) + (136 - zp) s. The offsets go through one small fp32 product of
 the input's block sums ([K/32, N]; an input's block sums are shared by the matrices that read it).
 On a model that was not quantized before, the same schemes are ordinary block-wise round-to-nearest.
