@@ -2,6 +2,7 @@
 
 Protocol (what attention and the engine rely on):
     update_and_fetch(k, v) -> (keys, values)   append [B, Hkv, T, hd], return all cached so far
+    append_slots(T) -> (keys, values, start)   optional: reserve T positions, caller writes them
     offset                                     number of positions cached
     trim(n) -> int                             drop the last n positions (speculative rollback)
     nbytes                                     bytes held
@@ -37,18 +38,25 @@ class KVCache:
             v[:, :, : self.offset] = self.values[:, :, : self.offset]
         self.keys, self.values = k, v
 
-    def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: [B, Hkv, T, hd]
-        T = k.shape[2]
-        end = self.offset + T
+    def append_slots(self, T: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Make room for T positions and count them as cached: (keys, values, start), the whole
+        [B, Hkv, capacity, hd] buffers and the first new position, for a caller that writes the
+        new entries itself (the native decode attention)."""
+        start, end = self.offset, self.offset + T
         if end > self.max_len:
             raise IndexError(f"KV cache full: {end} positions > max_len {self.max_len}")
         if self.keys is None or end > self.keys.shape[2]:
             self._grow(end)
-        self.keys[:, :, self.offset : end] = k
-        self.values[:, :, self.offset : end] = v
         self.offset = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return self.keys, self.values, start
+
+    def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: [B, Hkv, T, hd]
+        keys, values, start = self.append_slots(k.shape[2])
+        end = self.offset
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
     def trim(self, n: int) -> int:
         n = max(0, min(self.offset, n))

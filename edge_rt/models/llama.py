@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge_rt.models import native_attention
 from edge_rt.models.linear import make_linear
 
 # Architectures this file runs; the value says what differs from plain llama.
@@ -208,6 +209,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
         qkv = self.wqkv(x)
+        if mask is None and native_attention.fusable(qkv, cos, cache):
+            # decode steps and exact verify chunks: rope, cache write and attention in one C call,
+            # each query computed as a one-token step computes it
+            return self.wo(native_attention.rope_attention(qkv, cos, sin, cache, H, Hkv, self.scale).to(x.dtype))
         # rotate q and k together: [B, T, H + Hkv, hd]
         # Attention runs in the cache's dtype (fp32 by default: on CPU it is both faster
         # and closer to llama.cpp than bf16 for these small matrices).

@@ -1,0 +1,220 @@
+/* Decode-time attention for edge-rt (edge_rt/models/native_attention.py builds and calls it).
+ *
+ * One call runs causal attention for T queries against a KV cache, query t seeing the keys
+ * 0 .. S - T + t. Every query is computed by the same code in the same order whatever T is and
+ * whichever other queries share the call: its scores, softmax and weighted sum depend only on its
+ * own q row and its keys. So a T-token speculative verify chunk gives each row the same bits as
+ * T one-token decode steps, with one call per layer instead of one attention call per query.
+ *
+ * Layout: fp32 everywhere. q rows and the output are [B, T, H, hd] with the strides given;
+ * k and v are the cache's [B, Hkv, cap, hd] (row stride hd). Query head h reads KV head
+ * h / (H / Hkv) (grouped-query attention).
+ *
+ * Summation orders are fixed: dot products and the weighted sum run over 8-lane vectors with a
+ * fixed horizontal reduction; the softmax denominator accumulates key s in lane s % 8. exp is a
+ * polynomial (Cephes expf's, about 1 ulp) so the result does not depend on the C library.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
+
+static inline float hsum(v8 a) {
+    return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+}
+
+static inline v8 load8(const float *p) { v8 r; memcpy(&r, p, sizeof r); return r; }
+static inline void store8(float *p, v8 a) { memcpy(p, &a, sizeof a); }
+
+/* exp(x) for x <= 0 (scores minus their maximum); inputs below -87 give about 1e-38. */
+static inline v8 exp8(v8 x) {
+    const v8 lo = splat(-87.0f);
+    v8i below = x < lo; /* lanes: -1 where true (vector casts keep the bits) */
+    x = (v8)(((v8i)lo & below) | ((v8i)x & ~below));
+    const v8 magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    v8 n = (x * splat(1.44269504088896341f) + magic) - magic;
+    v8 r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    v8 p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    p = p * (r * r) + r + splat(1.0f);
+    v8i e = (__builtin_convertvector(n, v8i) + 127) << 23;
+    v8 scale;
+    memcpy(&scale, &e, sizeof scale);
+    return p * scale;
+}
+
+#ifdef __clang__
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
+
+/* {a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7} */
+static inline v8 hadd(v8 a, v8 b) {
+    return SHUF(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + SHUF(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+
+/* r[j] = sum of the lanes of a[j]: eight horizontal sums at once, lane j's order fixed. */
+static inline v8 hsum8(const v8 *a) {
+    v8 g0 = hadd(hadd(a[0], a[1]), hadd(a[2], a[3]));
+    v8 g1 = hadd(hadd(a[4], a[5]), hadd(a[6], a[7]));
+    return SHUF(g0, g1, 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(g0, g1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+/* Scores of keys k[0..cnt) (cnt <= 8) against q: lane j = q . k[j]; lanes past cnt are 0.
+ * hd is a multiple of 8. A key's score does not depend on cnt or on its neighbours. */
+static inline __attribute__((always_inline)) v8 scores8(const float *q, const float *k, int64_t cnt, int64_t hd) {
+    v8 acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = splat(0.0f);
+    for (int64_t d = 0; d < hd; d += 8) {
+        v8 qd = load8(q + d);
+        for (int j = 0; j < 8; j++)
+            if (j < cnt) acc[j] += qd * load8(k + j * hd + d);
+    }
+    return hsum8(acc);
+}
+
+/* One query: out[hd] = softmax(scale * q . k[0..n)) @ v[0..n). buf holds n rounded up to 8 floats.
+ * hd is a multiple of 8 and at most 512. */
+static inline __attribute__((always_inline)) void attend_one(const float *q, const float *k, const float *v,
+                                                             int64_t n, int64_t hd, float scale, float *buf,
+                                                             float *out) {
+    int64_t n8 = (n + 7) & ~(int64_t)7;
+    v8 vs = splat(scale), vmax = splat(-3.4e38f);
+    for (int64_t s = 0; s < n8; s += 8) {
+        int64_t cnt = n - s < 8 ? n - s : 8;
+        v8 x = (cnt == 8 ? scores8(q, k + s * hd, 8, hd) : scores8(q, k + s * hd, cnt, hd)) * vs;
+        if (cnt < 8)
+            for (int64_t j = cnt; j < 8; j++) x[j] = -3.4e38f;
+        store8(buf + s, x);
+        v8i gt = x > vmax;
+        vmax = (v8)(((v8i)x & gt) | ((v8i)vmax & ~gt));
+    }
+    float m = vmax[0];
+    for (int j = 1; j < 8; j++) m = vmax[j] > m ? vmax[j] : m;
+    v8 mm = splat(m), lsum = splat(0.0f);
+    for (int64_t s = 0; s < n8; s += 8) {
+        v8 p = exp8(load8(buf + s) - mm);
+        if (s + 8 > n) /* lanes past the last key count for nothing */
+            for (int64_t j = n - s; j < 8; j++) p[j] = 0.0f;
+        store8(buf + s, p);
+        lsum += p;
+    }
+    v8 inv = splat(1.0f / hsum(lsum));
+    v8 acc[64];
+    int64_t c8 = hd / 8;
+    for (int64_t c = 0; c < c8; c++) acc[c] = splat(0.0f);
+    for (int64_t s = 0; s < n; s++) {
+        v8 ps = splat(buf[s]);
+        const float *vr = v + s * hd;
+        for (int64_t c = 0; c < c8; c++) acc[c] += ps * load8(vr + 8 * c);
+    }
+    for (int64_t c = 0; c < c8; c++) store8(out + 8 * c, acc[c] * inv);
+}
+
+static void attend_any(const float *q, const float *k, const float *v, int64_t n, int64_t hd, float scale,
+                       float *buf, float *out) {
+    attend_one(q, k, v, n, hd, scale, buf, out);
+}
+
+static void attend_64(const float *q, const float *k, const float *v, int64_t n, float scale, float *buf,
+                      float *out) {
+    attend_one(q, k, v, n, 64, scale, buf, out);
+}
+
+/* Returns 0, -1 when the scratch buffer cannot be allocated, -2 for a head size it does not take. */
+static int64_t attention(const float *q, int64_t q_sb, int64_t q_st, int64_t q_sh,
+                          const float *k, const float *v, int64_t kv_sb, int64_t kv_sh,
+                          float *out, int64_t o_sb, int64_t o_st, int64_t o_sh,
+                          int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, int64_t S, float scale) {
+    float *buf = malloc(sizeof(float) * (size_t)((S + 7) & ~(int64_t)7));
+    if (!buf) return -1;
+    if (hd % 8 || hd > 512) {
+        free(buf);
+        return -2;
+    }
+    int64_t group = H / Hkv;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            const float *kh = k + b * kv_sb + (h / group) * kv_sh;
+            const float *vh = v + b * kv_sb + (h / group) * kv_sh;
+            for (int64_t t = 0; t < T; t++)
+            {
+                const float *qt = q + b * q_sb + t * q_st + h * q_sh;
+                float *ot = out + b * o_sb + t * o_st + h * o_sh;
+                if (hd == 64)
+                    attend_64(qt, kh, vh, S - T + t + 1, scale, buf, ot);
+                else
+                    attend_any(qt, kh, vh, S - T + t + 1, hd, scale, buf, ot);
+            }
+        }
+    free(buf);
+    return 0;
+}
+
+int64_t edge_rt_attention(const float *q, int64_t q_sb, int64_t q_st, int64_t q_sh,
+                          const float *k, const float *v, int64_t kv_sb, int64_t kv_sh,
+                          float *out, int64_t o_sb, int64_t o_st, int64_t o_sh,
+                          int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, int64_t S, float scale) {
+    return attention(q, q_sb, q_st, q_sh, k, v, kv_sb, kv_sh, out, o_sb, o_st, o_sh, B, T, H, Hkv, hd, S, scale);
+}
+
+static inline float bf16_to_float(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* A decode step's attention from the fused q/k/v projection, in one call:
+ * rotate q and k (half-split rope: y = x * cos + swap_halves(x) * sin, sin's first half negated),
+ * write k and v at cache positions start..start+T-1, then attend as edge_rt_attention over
+ * S = start + T keys. qkv rows are [q heads | k heads | v heads], bf16 (qkv_bf16 = 1) or fp32;
+ * cos/sin rows (stride rope_st) belong to the T positions; out is [B, T, H * hd] contiguous. */
+int64_t edge_rt_rope_attention(const void *qkv, int64_t qkv_bf16, int64_t qkv_sb, int64_t qkv_st,
+                               const float *cos, const float *sin, int64_t rope_st,
+                               float *kc, float *vc, int64_t kv_sb, int64_t kv_sh, int64_t start,
+                               float *out, int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd,
+                               float scale) {
+    if (hd % 8 || hd > 512) return -2;
+    float *qbuf = malloc(sizeof(float) * (size_t)(B * T * H * hd));
+    if (!qbuf) return -1;
+    float x[512];
+    int64_t half = hd / 2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++) {
+            const float *c = cos + t * rope_st, *sn = sin + t * rope_st;
+            for (int64_t j = 0; j < H + 2 * Hkv; j++) {
+                int64_t off = b * qkv_sb + t * qkv_st + j * hd;
+                if (qkv_bf16)
+                    for (int64_t d = 0; d < hd; d++) x[d] = bf16_to_float(((const uint16_t *)qkv)[off + d]);
+                else
+                    memcpy(x, (const float *)qkv + off, sizeof(float) * (size_t)hd);
+                float *dst;
+                if (j < H)
+                    dst = qbuf + ((b * T + t) * H + j) * hd;
+                else if (j < H + Hkv)
+                    dst = kc + b * kv_sb + (j - H) * kv_sh + (start + t) * hd;
+                else {
+                    memcpy(vc + b * kv_sb + (j - H - Hkv) * kv_sh + (start + t) * hd, x, sizeof(float) * (size_t)hd);
+                    continue;
+                }
+                for (int64_t d = 0; d < hd; d++) {
+                    float xc = x[d] * c[d], xs = x[d < half ? d + half : d - half] * sn[d];
+                    dst[d] = xc + xs;
+                }
+            }
+        }
+    int64_t rc = attention(qbuf, T * H * hd, H * hd, hd, kc, vc, kv_sb, kv_sh, out, T * H * hd, H * hd, hd,
+                           B, T, H, Hkv, hd, start + T, scale);
+    free(qbuf);
+    return rc;
+}

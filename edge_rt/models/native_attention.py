@@ -1,0 +1,110 @@
+"""Decode-time attention in C (edge_rt/models/attention.c), for CPU fp32 KV caches.
+
+`attention(q, k, v, scale)` runs causal attention for T queries (query t sees keys 0..S-T+t) in
+one call, each query computed exactly as a one-query call computes it. That makes a T-token
+speculative verify chunk bit-identical to T one-token steps without T separate attention calls
+(the per-query SDPA loop it replaces cost about 35 us a query and layer on a 2-core CPU; see
+docs/SPECULATIVE.md). Plain decode steps (T = 1) run through the same kernel, so both paths share
+one set of numerics. `available()` is False without a C compiler or with EDGE_RT_NATIVE=0; the
+model then uses PyTorch's SDPA (one query at a time for verify chunks).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from edge_rt.native import load_library
+
+SOURCE = Path(__file__).with_name("attention.c")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    lib = load_library(SOURCE, "decode attention falls back to PyTorch SDPA (slower speculative verify)",
+                       simd="avx2")
+    if lib is None:
+        return None
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.edge_rt_attention.argtypes = [p, i64, i64, i64, p, p, i64, i64, p, i64, i64, i64, *[i64] * 6, f32]
+    lib.edge_rt_rope_attention.argtypes = [p, i64, i64, i64, p, p, i64, p, p, i64, i64, i64, p, *[i64] * 5, f32]
+    for fn in (lib.edge_rt_attention, lib.edge_rt_rope_attention):
+        fn.restype = i64
+    return lib
+
+
+def available() -> bool:
+    return _kernel() is not None
+
+
+def _check(rc: int, hd: int) -> None:
+    if rc == -1:
+        raise MemoryError("native attention: scratch buffer could not be allocated")
+    if rc:
+        raise ValueError(f"native attention: head size {hd} is not supported")
+
+
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `attention` takes these tensors: fp32 on CPU, head size a multiple of 8 up to 512,
+    rows contiguous, keys and values laid out alike (the kernel is then built on first use)."""
+    hd = k.shape[-1]
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
+            and hd % 8 == 0 and hd <= 512 and q.stride(-1) == 1 and k.stride(-1) == 1
+            and k.stride(-2) == hd and v.stride() == k.stride() and available())
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention, one query at a time in C.
+
+    Args:
+        q: [B, T, H, hd] fp32 (any strides with the last dim contiguous).
+        k, v: [B, Hkv, S, hd] fp32 cache views (rows contiguous); the last T positions are the queries'.
+        scale: score scale (1 / sqrt(hd)).
+    Returns:
+        [B, T, H * hd] fp32.
+    """
+    B, T, H, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out = torch.empty(B, T, H, hd, dtype=torch.float32)
+    _check(_kernel().edge_rt_attention(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
+                                       k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+                                       out.data_ptr(), out.stride(0), out.stride(1), out.stride(2),
+                                       B, T, H, Hkv, hd, S, scale), hd)
+    return out.view(B, T, H * hd)
+
+
+def fusable(qkv: torch.Tensor, cos: torch.Tensor, cache) -> bool:
+    """Whether `rope_attention` takes this step: a CPU fp32 cache with `append_slots`, a bf16 or
+    fp32 projection with contiguous rows, fp32 rope rows, and the kernel built."""
+    return (getattr(cache, "append_slots", None) is not None and cache.dtype == torch.float32
+            and qkv.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float32) and qkv.stride(-1) == 1
+            and cos.dtype == torch.float32 and cos.stride(-1) == 1 and available())
+
+
+def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, n_heads: int, n_kv: int,
+                   scale: float) -> torch.Tensor:
+    """A decode step or exact verify chunk in one call: rope on q and k, k and v into the cache,
+    causal attention (query t sees positions 0..start+t).
+
+    Args:
+        qkv: [B, T, (H + 2 Hkv) * hd] the fused projection (bf16 or fp32).
+        cos, sin: [T, 1, hd] fp32 rope rows of the T positions (sin's first half negated).
+        cache: an edge_rt.kv.cache.KVCache (fp32, on CPU); it grows by T positions.
+    Returns:
+        [B, T, H * hd] fp32.
+    """
+    B, T, width = qkv.shape
+    hd = width // (n_heads + 2 * n_kv)
+    if not 0 < hd <= 512 or hd % 8:
+        raise ValueError(f"native attention: head size {hd} is not supported")
+    keys, values, start = cache.append_slots(T)
+    out = torch.empty(B, T, n_heads * hd, dtype=torch.float32)
+    _check(_kernel().edge_rt_rope_attention(
+        qkv.data_ptr(), int(qkv.dtype == torch.bfloat16), qkv.stride(0), qkv.stride(1),
+        cos.data_ptr(), sin.data_ptr(), cos.stride(0),
+        keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), start,
+        out.data_ptr(), B, T, n_heads, n_kv, hd, scale), hd)
+    return out
