@@ -95,6 +95,40 @@ def test_verify_rows_equal_one_token_forwards_bit_for_bit(tiny, attention, monke
     be.reset()
 
 
+def test_lazy_verify_rows_equal_the_full_chunk_and_skip_the_second_block(tiny):
+    """verify_rows computes logits head_block rows at a time, only when read; every row equals
+    the full verify's, and a walk that stops in the first block never runs the second."""
+    be = tiny.backend
+    assert be.head_block == 4  # int4 output layer on CPU
+    ids = _prompts(1)[0]
+    be.reset()
+    be.forward(ids[:5])
+    full = be.verify(ids[5:13])
+    be.trim(8)
+    rows = be.verify_rows(ids[5:13])
+    assert len(rows) == 8 and not rows.done
+    assert torch.equal(rows[2], full[2]) and [p.shape[0] for _, p in rows.done] == [4]
+    assert torch.equal(rows[5], full[5]) and [p.shape[0] for _, p in rows.done] == [4, 4]
+    assert torch.equal(rows.logits(8), full)
+    with pytest.raises(IndexError):
+        rows[8]
+    be.reset()
+
+
+def test_verify_costs_expect_the_second_block_only_when_reached():
+    from edge_rt.generation.speculative import VerifyCosts
+
+    full = [0.0, 1.0, 1.1, 1.2, 1.3, 2.6, 2.7, 2.8, 2.9]
+    first = [0.0, 1.0, 1.1, 1.2, 1.3, 2.0, 2.1, 2.2, 2.3]
+    c = VerifyCosts(full, first, block=4)
+    assert c.expected(3, 0.5) == 1.2  # inside the first block: one output-layer call
+    assert c.expected(8, 0.0) == 2.3 and c.expected(8, 1.0) == 2.9
+    assert c.expected(8, 0.5) == pytest.approx(2.3 + 0.5 ** 4 * 0.6)
+    assert VerifyCosts(full).expected(8, 0.5) == 2.9  # no lazy rows: the full chunk
+    # the controller drafts longer when the rows past a rejection cost nothing
+    assert DraftController(c, 7).length(1, 7) >= DraftController(VerifyCosts(full), 7).length(1, 7)
+
+
 @pytest.mark.parametrize("opts", [
     dict(),  # greedy
     dict(temperature=0.9, seed=7),

@@ -85,7 +85,7 @@ class SpecStats:
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens accepted
     draft_s: float = 0.0  # time spent drafting
-    verify_s: float = 0.0  # time in target forwards (verify and plain)
+    verify_s: float = 0.0  # time in target forwards (verify and plain) and the walks over their rows
     calibration_s: float = 0.0  # one-time measurement of verify costs on this backend
     accepted_lengths: dict[int, int] = field(default_factory=dict)  # accepted drafts per verify step -> count
 
@@ -116,29 +116,64 @@ class SpecStats:
         }
 
 
-def measure_verify_costs(backend, max_chunk: int, reps: int = 2) -> list[float]:
-    """Seconds for verify chunks of 1..max_chunk tokens at the backend's current position: [0, c(1), ...].
+class VerifyCosts(list):
+    """Seconds per verify chunk, [0, c(1), ..., c(n)], every row's logits read (a list, as before).
+
+    Backends that compute a chunk's logits on demand, `block` rows per output-layer call
+    (`verify_rows`, `head_block`), also have `first`: the same chunks when only the rows of the first
+    block are read, which is what a step costs when a draft is rejected inside that block.
+    """
+
+    def __init__(self, full, first=None, block: int | None = None):
+        super().__init__(full)
+        self.first = list(first) if first is not None else list(full)
+        self.block = block
+
+    def expected(self, t: int, a: float) -> float:
+        """Expected cost of a t-token chunk (t - 1 drafts) at per-token acceptance a: the rows past
+        the first block are computed only when its drafts are all accepted (probability a^block)."""
+        if self.block is None or t <= self.block:
+            return self[t]
+        return self.first[t] + a ** self.block * (self[t] - self.first[t])
+
+
+def verify_rows(backend, tokens):
+    """The backend's lazily computed verify rows where it has them (`rows[i]`), else its tensor."""
+    fn = getattr(backend, "verify_rows", None)
+    return fn(tokens) if fn is not None else backend.verify(tokens)
+
+
+def measure_verify_costs(backend, max_chunk: int, reps: int = 2) -> VerifyCosts:
+    """Seconds for verify chunks of 1..max_chunk tokens at the backend's current position.
 
     Every size is measured (best of `reps` after one warm-up): the cost is not linear in the
     chunk length (PyTorch's int4 CPU kernel works in blocks of 4 rows, so 4 rows cost about what
-    2 do), and the controller should see the steps. The cache is left as it was.
+    2 do), and the controller should see the steps. Where the backend computes logits on demand
+    (`head_block`), each size is also measured reading only the first block's rows. The cache is
+    left as it was.
     """
+    block = getattr(backend, "head_block", None) if hasattr(backend, "verify_rows") else None
     room = backend.n_ctx - backend.position
     sizes = range(1, max(1, min(max_chunk, room)) + 1)
     backend.verify([0])
     backend.trim(1)
-    costs = [0.0]
+    full, first = [0.0], [0.0]
     for t in sizes:
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            backend.verify([0] * t)
-            best = min(best, time.perf_counter() - t0)
-            backend.trim(t)
-        costs.append(best)
-    while len(costs) <= max_chunk:  # no room to measure longer chunks: extrapolate linearly
-        costs.append(costs[-1] * len(costs) / (len(costs) - 1))
-    return costs
+        kinds = [(full, t)] + ([(first, block)] if block is not None and t > block else [])
+        for table, read in kinds:
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                verify_rows(backend, [0] * t)[read - 1]
+                best = min(best, time.perf_counter() - t0)
+                backend.trim(t)
+            table.append(best)
+        if len(first) < len(full):
+            first.append(full[-1])
+    for table in (full, first):
+        while len(table) <= max_chunk:  # no room to measure longer chunks: extrapolate linearly
+            table.append(table[-1] * len(table) / (len(table) - 1))
+    return VerifyCosts(full, first, block)
 
 
 class DraftController:
@@ -155,7 +190,7 @@ class DraftController:
     PROBE_EVERY = 8
 
     def __init__(self, costs: Sequence[float], max_draft: int, adaptive: bool = True, draft_cost: float = 0.0):
-        self.costs = list(costs)
+        self.costs = VerifyCosts(costs, getattr(costs, "first", None), getattr(costs, "block", None))
         self.max_draft = min(max_draft, len(self.costs) - 2)
         self.adaptive = adaptive
         self.draft_cost = draft_cost
@@ -180,7 +215,7 @@ class DraftController:
         a = min(self.acceptance(level), 0.999)
         best_k, best_rate = 0, 1.0 / self.costs[1]
         for k in range(1, limit + 1):
-            rate = (1 - a ** (k + 1)) / (1 - a) / (self.costs[k + 1] + k * self.draft_cost)
+            rate = (1 - a ** (k + 1)) / (1 - a) / (self.costs.expected(k + 1, a) + k * self.draft_cost)
             if rate > best_rate:
                 best_k, best_rate = k, rate
         if best_k == 0:
@@ -200,10 +235,12 @@ class DraftController:
         """Follow the measured cost per drafted token (model drafters)."""
         self.draft_cost = 0.8 * self.draft_cost + 0.2 * seconds / k if self.draft_cost else seconds / k
 
-    def observe_cost(self, t: int, seconds: float) -> None:
-        """Follow the measured cost of a t-token verify (load changes, longer contexts)."""
+    def observe_cost(self, t: int, seconds: float, all_rows: bool = True) -> None:
+        """Follow the measured cost of a t-token verify (load changes, longer contexts); all_rows:
+        every row's logits were computed (else only the first block's)."""
         if 1 <= t < len(self.costs):
-            self.costs[t] = 0.8 * self.costs[t] + 0.2 * seconds
+            table = self.costs if all_rows or self.costs.block is None or t <= self.costs.block else self.costs.first
+            table[t] = 0.8 * table[t] + 0.2 * seconds
 
 
 def speculative_tokens(backend, drafter, controller: DraftController, sampler: Sampler, first_logits: torch.Tensor,
@@ -245,13 +282,14 @@ def speculative_tokens(backend, drafter, controller: DraftController, sampler: S
         if model_level is not None and draft.tokens:
             controller.observe_draft(len(draft.tokens), t1 - t0)
         chunk = [tok] + draft.tokens
-        rows = backend.verify(chunk)  # [k + 1, V]
+        rows = verify_rows(backend, chunk)  # k + 1 rows of logits
+        out, n_acc = _walk(rows, draft, sampler, history)
         t2 = time.perf_counter()
         stats.verify_s += t2 - t1
-        controller.observe_cost(len(chunk), t2 - t1)
+        block = controller.costs.block
+        controller.observe_cost(len(chunk), t2 - t1, all_rows=block is None or len(out) > block)
         if on_forward:
             on_forward(chunk)
-        out, n_acc = _walk(rows, draft, sampler, history)
         k = len(draft.tokens)
         if k:
             rejected = k - n_acc

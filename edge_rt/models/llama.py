@@ -282,7 +282,7 @@ class Transformer(nn.Module):
         self.compute_dtype = torch.float32  # dtype of matmul inputs; the loader sets it
 
     def forward(self, tokens: torch.Tensor, caches, start_pos: int, last_only: bool = False,
-                exact: bool = False, skip: frozenset[int] = frozenset()) -> torch.Tensor:
+                exact: bool = False, skip: frozenset[int] = frozenset(), hidden: bool = False) -> torch.Tensor:
         """Run a chunk of tokens at absolute positions start_pos.. and return fp32 logits.
 
         Args:
@@ -293,6 +293,8 @@ class Transformer(nn.Module):
             exact: make every row equal, bit for bit, to decoding the chunk one token at a time
                 (per-query attention; for speculative verify chunks).
             skip: indices of layers to leave out (a self-speculative draft); their caches are untouched.
+            hidden: return the final-normed hidden states [B, T, D] (compute dtype) instead of logits;
+                `head` turns any rows of them into logits later.
         Returns:
             logits [B, T, V] (or [B, 1, V]) in fp32.
         """
@@ -308,7 +310,12 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, cache, mask, dtype)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x, dtype)).float()
+        h = self.norm(x, dtype)
+        return h if hidden else self.head(h)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final-normed hidden states (`forward(..., hidden=True)`)."""
+        return self.lm_head(h).float()
 
 
 def causal_mask(T: int, start_pos: int, device) -> torch.Tensor:
