@@ -7,8 +7,8 @@ safe, and returns the ctypes library. No compiler, a failed build or EDGE_RT_NAT
 warning naming the reason and what `what` falls back to (none for EDGE_RT_NATIVE=0). Callers keep a
 torch or numpy path for None; ctypes releases the GIL during calls.
 
-Kernels: offload/endor_kernel.c (Endor decode, offload/native.py) and edge_rt/models/attention.c
-(decode-time attention, edge_rt/models/native_attention.py).
+Kernels: offload/endor_kernel.c (Endor decode, offload/native.py) and edge_rt/models/decode_kernels.c
+(decode-time attention, edge_rt/models/native_kernels.py).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def compiler_flags(simd: str = "baseline") -> list[str]:
     """Flags for a shared library. simd "baseline": SSSE3 on x86-64 (every CPU since 2006);
     "avx2": adds AVX2 and FMA where this CPU has them (the build key includes the flags, so a
     library built for one CPU is not loaded on a lesser one sharing the cache)."""
-    flags = ["-O3", "-fPIC", "-shared", "-std=gnu99"]
+    flags = ["-O3", "-fPIC", "-shared", "-std=gnu99", "-fno-math-errno"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-mssse3")
         if simd == "avx2" and {"avx2", "fma"} <= _cpu_flags():

@@ -275,27 +275,27 @@ def test_gguf_rope_freqs_tensor_scales_frequencies(tmp_path):
 
 
 @pytest.mark.parametrize("H,Hkv,hd", [(9, 3, 64), (4, 2, 16), (4, 1, 128)])
-def test_native_attention_matches_sdpa_and_each_row_equals_a_one_query_call(H, Hkv, hd):
+def test_native_kernels_matches_sdpa_and_each_row_equals_a_one_query_call(H, Hkv, hd):
     """The C decode attention: close to PyTorch's SDPA, and row t of a T-query call is bit for bit
     the one-query call over keys 0..S-T+t (what makes speculative verify chunks exact)."""
     import shutil
 
     import torch.nn.functional as F
 
-    from edge_rt.models import native_attention
+    from edge_rt.models import native_kernels
     from edge_rt.models.llama import per_query_attention
 
     if shutil.which("cc") is None:
         pytest.skip("no C compiler")
-    assert native_attention.available()
+    assert native_kernels.available()
     g = torch.Generator().manual_seed(hd)
     for S, T in [(1, 1), (13, 1), (37, 5), (64, 8), (300, 16)]:
         cache = torch.randn(2, 1, Hkv, S + 40, hd, generator=g)  # a cache with spare capacity
         k, v = cache[0, :, :, :S], cache[1, :, :, :S]
         qk = torch.randn(1, T, H + Hkv, hd, generator=g)  # q rows inside the fused q/k tensor
         q = qk[:, :, :H]
-        assert native_attention.usable(qk, k, v)
-        out = native_attention.attention(q, k, v, 1 / math.sqrt(hd))
+        assert native_kernels.usable(qk, k, v)
+        out = native_kernels.attention(q, k, v, 1 / math.sqrt(hd))
         ref = per_query_attention(q.transpose(1, 2), k, v).transpose(1, 2).reshape(1, T, H * hd)
         assert torch.allclose(out, ref, atol=2e-6, rtol=1e-5), (out - ref).abs().max()
         if T == 1:
@@ -303,14 +303,14 @@ def test_native_attention_matches_sdpa_and_each_row_equals_a_one_query_call(H, H
             assert torch.allclose(out, sdpa.transpose(1, 2).reshape(1, 1, H * hd), atol=2e-6, rtol=1e-5)
         for t in range(T):
             n = S - T + t + 1
-            one = native_attention.attention(q[:, t : t + 1], k[:, :, :n], v[:, :, :n], 1 / math.sqrt(hd))
+            one = native_kernels.attention(q[:, t : t + 1], k[:, :, :n], v[:, :, :n], 1 / math.sqrt(hd))
             assert torch.equal(out[:, t], one[:, 0])
 
 
-def test_native_attention_off_falls_back_to_sdpa(tmp_path, monkeypatch):
+def test_native_kernels_off_falls_back_to_sdpa(tmp_path, monkeypatch):
     """EDGE_RT_NATIVE=0 (or no compiler): the model runs PyTorch's SDPA, with logits close to the
     native kernel's; bf16 caches and other devices never take the native path."""
-    from edge_rt.models import native_attention
+    from edge_rt.models import native_kernels
 
     args = preset("tiny")
     sd = random_hf_state(args, seed=4)
@@ -322,13 +322,13 @@ def test_native_attention_off_falls_back_to_sdpa(tmp_path, monkeypatch):
     runs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("EDGE_RT_NATIVE", flag)
-        native_attention._kernel.cache_clear()
+        native_kernels._kernel.cache_clear()
         if flag == "0":
-            assert not native_attention.available()
+            assert not native_kernels.available()
         runs[flag] = run_logits(model, tokens, chunks=chunks)
-    native_attention._kernel.cache_clear()
+    native_kernels._kernel.cache_clear()
     monkeypatch.delenv("EDGE_RT_NATIVE")
     assert torch.allclose(runs["0"], runs["1"], atol=1e-5 * runs["0"].abs().max(), rtol=0)
     x = torch.zeros(1, 1, 4, 16)
-    assert not native_attention.usable(x.bfloat16(), x.bfloat16(), x.bfloat16())
-    assert not native_attention.usable(x, x[..., :12], x[..., :12])  # head size not a multiple of 8
+    assert not native_kernels.usable(x.bfloat16(), x.bfloat16(), x.bfloat16())
+    assert not native_kernels.usable(x, x[..., :12], x[..., :12])  # head size not a multiple of 8

@@ -78,11 +78,11 @@ def test_int4_backend_is_marked_exact_and_dense_is_not(tiny, tmp_path):
 @pytest.mark.parametrize("attention", ["native", "sdpa"])
 def test_verify_rows_equal_one_token_forwards_bit_for_bit(tiny, attention, monkeypatch):
     """Both attention paths: the C kernel (one call per layer) and PyTorch's SDPA one query at a time."""
-    from edge_rt.models import native_attention
+    from edge_rt.models import native_kernels
 
     if attention == "sdpa":
-        monkeypatch.setattr(native_attention, "available", lambda: False)
-    elif not native_attention.available():
+        monkeypatch.setattr(native_kernels, "available", lambda: False)
+    elif not native_kernels.available():
         pytest.skip("native attention not built (no C compiler)")
     be = tiny.backend
     ids = _prompts(1)[0]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_rt.models import native_attention
+from edge_rt.models import native_kernels
 from edge_rt.models.linear import make_linear
 
 # Architectures this file runs; the value says what differs from plain llama.
@@ -209,10 +209,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
         qkv = self.wqkv(x)
-        if mask is None and native_attention.fusable(qkv, cos, cache):
+        if mask is None and native_kernels.fusable(qkv, cos, cache):
             # decode steps and exact verify chunks: rope, cache write and attention in one C call,
             # each query computed as a one-token step computes it
-            return self.wo(native_attention.rope_attention(qkv, cos, sin, cache, H, Hkv, self.scale).to(x.dtype))
+            return self.wo(native_kernels.rope_attention(qkv, cos, sin, cache, H, Hkv, self.scale).to(x.dtype))
         # rotate q and k together: [B, T, H + Hkv, hd]
         # Attention runs in the cache's dtype (fp32 by default: on CPU it is both faster
         # and closer to llama.cpp than bf16 for these small matrices).
@@ -264,10 +264,30 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.ffn = FeedForward(args)
 
-    def forward(self, x, cos, sin, cache, mask, dtype):
-        # x: [B, T, D] fp32 residual stream; dtype: the dtype of matmul inputs
-        h = x + self.attn(self.attn_norm(x, dtype), cos, sin, cache, mask)
-        return h + self.ffn(self.ffn_norm(h, dtype))
+    def forward(self, x, cos, sin, cache, mask, dtype, y=None, defer: bool = False):
+        """x: [B, T, D] fp32 residual stream; dtype: the dtype of matmul inputs.
+
+        y: the previous block's output not yet added to x (the residual is x + y); defer: return
+        (residual, output) unadded. Decode steps and verify chunks (no mask) use them to run each
+        residual add with the RMSNorm after it in one native call (models/native_kernels.py).
+        """
+        x, xn = add_norm(x, y, self.attn_norm, dtype, mask is None)
+        a = self.attn(xn, cos, sin, cache, mask)
+        h, hn = add_norm(x, a, self.ffn_norm, dtype, mask is None)
+        f = self.ffn(hn)
+        return (h, f) if defer else h + f
+
+
+def add_norm(x: torch.Tensor, y: torch.Tensor | None, norm: RMSNorm, dtype: torch.dtype,
+             native: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, norm(h)) for h = x + y (x where y is None): natively where allowed and it applies."""
+    if y is None:
+        return x, norm(x, dtype)
+    fused = native_kernels.add_rms_norm(x, y, norm.weight, norm.eps, dtype) if native else None
+    if fused is not None:
+        return fused
+    h = x + y
+    return h, norm(h, dtype)
 
 
 class Transformer(nn.Module):
@@ -305,12 +325,19 @@ class Transformer(nn.Module):
         cos, sin = rope[:, 0, None], rope[:, 1, None]  # [T, 1, hd]
         # exact: attention one query at a time (bit-identical to decoding the chunk token by token)
         mask = causal_mask(T, start_pos, x.device) if T > 1 and not exact else None
+        # decode steps and verify chunks hand each block's output to the next block unadded, which
+        # adds it together with its norm (one native call); not under hooks that read block inputs
+        defer = mask is None and not any(layer._forward_pre_hooks for layer in self.layers)
+        y = None  # the last block's output not yet added to x
         for i, (layer, cache) in enumerate(zip(self.layers, caches)):
             if i not in skip:
-                x = layer(x, cos, sin, cache, mask, dtype)
+                if defer:
+                    x, y = layer(x, cos, sin, cache, mask, dtype, y=y, defer=True)
+                else:
+                    x = layer(x, cos, sin, cache, mask, dtype)
         if last_only:
-            x = x[:, -1:]
-        h = self.norm(x, dtype)
+            x, y = x[:, -1:], (None if y is None else y[:, -1:])
+        _, h = add_norm(x, y, self.norm, dtype, mask is None)
         return h if hidden else self.head(h)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

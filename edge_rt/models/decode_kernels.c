@@ -1,6 +1,8 @@
-/* Decode-time attention for edge-rt (edge_rt/models/native_attention.py builds and calls it).
+/* Decode-step kernels for edge-rt (edge_rt/models/native_kernels.py builds and calls them):
+ * attention (with rope and the KV write) and the residual add + RMSNorm. Each works row by row,
+ * so a T-token speculative verify chunk gives every row the bits of a one-token step.
  *
- * One call runs causal attention for T queries against a KV cache, query t seeing the keys
+ * Attention: one call runs causal attention for T queries against a KV cache, query t seeing the keys
  * 0 .. S - T + t. Every query is computed by the same code in the same order whatever T is and
  * whichever other queries share the call: its scores, softmax and weighted sum depend only on its
  * own q row and its keys. So a T-token speculative verify chunk gives each row the same bits as
@@ -14,6 +16,7 @@
  * fixed horizontal reduction; the softmax denominator accumulates key s in lane s % 8. exp is a
  * polynomial (Cephes expf's, about 1 ulp) so the result does not depend on the C library.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -217,4 +220,48 @@ int64_t edge_rt_rope_attention(const void *qkv, int64_t qkv_bf16, int64_t qkv_sb
                            B, T, H, Hkv, hd, start + T, scale);
     free(qbuf);
     return rc;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);               /* round to nearest even */
+}
+
+/* The residual add and the RMSNorm after it, row by row: h = x + y (y bf16 or fp32; fp32 h),
+ * out = h / sqrt(mean(h^2) + eps) * w in bf16 (out_bf16 = 1) or fp32. d is a multiple of 8.
+ * Each row's result depends only on that row (the sum of squares runs in 8 lanes, fixed order). */
+int64_t edge_rt_add_rms_norm(const float *x, const void *y, int64_t y_bf16, const float *w, float eps,
+                             float *h, void *out, int64_t out_bf16, int64_t rows, int64_t d) {
+    if (d % 8) return -2;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * d;
+        float *hr = h + r * d;
+        v8 ss = splat(0.0f);
+        for (int64_t i = 0; i < d; i += 8) {
+            v8 yv;
+            if (y_bf16) {
+                const uint16_t *yr = (const uint16_t *)y + r * d + i;
+                for (int j = 0; j < 8; j++) yv[j] = bf16_to_float(yr[j]);
+            } else {
+                yv = load8((const float *)y + r * d + i);
+            }
+            v8 hv = load8(xr + i) + yv;
+            store8(hr + i, hv);
+            ss += hv * hv;
+        }
+        float scale = 1.0f / sqrtf(hsum(ss) / (float)d + eps);
+        v8 sv = splat(scale);
+        for (int64_t i = 0; i < d; i += 8) {
+            v8 o = load8(hr + i) * sv * load8(w + i);
+            if (out_bf16) {
+                uint16_t *orow = (uint16_t *)out + r * d + i;
+                for (int j = 0; j < 8; j++) orow[j] = float_to_bf16(o[j]);
+            } else {
+                store8((float *)out + r * d + i, o);
+            }
+        }
+    }
+    return 0;
 }

@@ -1,4 +1,4 @@
-"""Decode-time attention in C (edge_rt/models/attention.c), for CPU fp32 KV caches.
+"""Decode-step kernels in C (edge_rt/models/decode_kernels.c): attention, and the residual add + RMSNorm.
 
 `attention(q, k, v, scale)` runs causal attention for T queries (query t sees keys 0..S-T+t) in
 one call, each query computed exactly as a one-query call computes it. That makes a T-token
@@ -19,7 +19,7 @@ import torch
 
 from edge_rt.native import load_library
 
-SOURCE = Path(__file__).with_name("attention.c")
+SOURCE = Path(__file__).with_name("decode_kernels.c")
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,7 +31,8 @@ def _kernel():
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.edge_rt_attention.argtypes = [p, i64, i64, i64, p, p, i64, i64, p, i64, i64, i64, *[i64] * 6, f32]
     lib.edge_rt_rope_attention.argtypes = [p, i64, i64, i64, p, p, i64, p, p, i64, i64, i64, p, *[i64] * 5, f32]
-    for fn in (lib.edge_rt_attention, lib.edge_rt_rope_attention):
+    lib.edge_rt_add_rms_norm.argtypes = [p, p, i64, p, f32, p, p, i64, i64, i64]
+    for fn in (lib.edge_rt_attention, lib.edge_rt_rope_attention, lib.edge_rt_add_rms_norm):
         fn.restype = i64
     return lib
 
@@ -108,3 +109,20 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cach
         keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), start,
         out.data_ptr(), B, T, n_heads, n_kv, hd, scale), hd)
     return out
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x + y, RMSNorm(x + y) in out_dtype) in one call, or None where the kernel does not apply
+    (then the caller runs PyTorch): x fp32 and y bf16/fp32 contiguous on CPU, out bf16/fp32."""
+    d = x.shape[-1]
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and y.dtype in (torch.bfloat16, torch.float32)
+            and out_dtype in (torch.bfloat16, torch.float32) and weight.dtype == torch.float32
+            and d % 8 == 0 and x.is_contiguous() and y.is_contiguous() and y.shape == x.shape and available()):
+        return None
+    h = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=out_dtype)
+    _check(_kernel().edge_rt_add_rms_norm(x.data_ptr(), y.data_ptr(), int(y.dtype == torch.bfloat16),
+                                          weight.data_ptr(), eps, h.data_ptr(), out.data_ptr(),
+                                          int(out_dtype == torch.bfloat16), x.numel() // d, d), d)
+    return h, out
