@@ -332,3 +332,32 @@ def test_native_kernels_off_falls_back_to_sdpa(tmp_path, monkeypatch):
     x = torch.zeros(1, 1, 4, 16)
     assert not native_kernels.usable(x.bfloat16(), x.bfloat16(), x.bfloat16())
     assert not native_kernels.usable(x, x[..., :12], x[..., :12])  # head size not a multiple of 8
+
+
+def test_native_add_rms_norm_matches_torch_and_the_unfused_add():
+    """The C residual add + RMSNorm: close to PyTorch's, rows independent of each other, and the
+    same bits whether the add is fused (x, y) or done first by PyTorch (x + y, None)."""
+    import shutil
+
+    import torch.nn.functional as F
+
+    from edge_rt.models import native_kernels
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 7, 576, generator=g) * 3
+    w = torch.randn(576, generator=g)
+    for ydt, odt in [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)]:
+        y = torch.randn(1, 7, 576, generator=g).to(ydt)
+        h, out = native_kernels.add_rms_norm(x, y, w, 1e-5, odt)
+        assert torch.equal(h, x + y) and out.dtype == odt
+        ref = F.rms_norm(x + y, (576,), w, 1e-5)
+        assert torch.allclose(out.float(), ref, rtol=1e-2 if odt == torch.bfloat16 else 1e-5, atol=1e-5)
+        h2, out2 = native_kernels.add_rms_norm(x + y, None, w, 1e-5, odt)
+        assert torch.equal(out2, out)
+        row = native_kernels.add_rms_norm(x[:, 3:4].contiguous(), y[:, 3:4].contiguous(), w, 1e-5, odt)[1]
+        assert torch.equal(row[0, 0], out[0, 3])
+    # what it does not take: the caller runs PyTorch
+    assert native_kernels.add_rms_norm(x.bfloat16(), None, w, 1e-5, torch.bfloat16) is None
+    assert native_kernels.add_rms_norm(x[..., :500], None, w[:500], 1e-5, torch.float32) is None  # not contiguous

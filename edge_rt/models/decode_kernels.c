@@ -229,26 +229,30 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);               /* round to nearest even */
 }
 
-/* The residual add and the RMSNorm after it, row by row: h = x + y (y bf16 or fp32; fp32 h),
- * out = h / sqrt(mean(h^2) + eps) * w in bf16 (out_bf16 = 1) or fp32. d is a multiple of 8.
+/* The residual add and the RMSNorm after it, row by row: h = x + y (y bf16 or fp32; fp32 h; y NULL:
+ * h is x and is not written), out = h / sqrt(mean(h^2) + eps) * w in bf16 (out_bf16 = 1) or fp32.
+ * d is a multiple of 8. h = x + y rounds once, as PyTorch's fp32 add of the same operands does.
  * Each row's result depends only on that row (the sum of squares runs in 8 lanes, fixed order). */
 int64_t edge_rt_add_rms_norm(const float *x, const void *y, int64_t y_bf16, const float *w, float eps,
                              float *h, void *out, int64_t out_bf16, int64_t rows, int64_t d) {
     if (d % 8) return -2;
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * d;
-        float *hr = h + r * d;
+        const float *hr = y ? h + r * d : xr;
+        float *hw = h + r * d;
         v8 ss = splat(0.0f);
         for (int64_t i = 0; i < d; i += 8) {
             v8 yv;
-            if (y_bf16) {
+            if (!y) {
+                yv = splat(0.0f);
+            } else if (y_bf16) {
                 const uint16_t *yr = (const uint16_t *)y + r * d + i;
                 for (int j = 0; j < 8; j++) yv[j] = bf16_to_float(yr[j]);
             } else {
                 yv = load8((const float *)y + r * d + i);
             }
-            v8 hv = load8(xr + i) + yv;
-            store8(hr + i, hv);
+            v8 hv = y ? load8(xr + i) + yv : load8(xr + i);
+            if (y) store8(hw + i, hv);
             ss += hv * hv;
         }
         float scale = 1.0f / sqrtf(hsum(ss) / (float)d + eps);

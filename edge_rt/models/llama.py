@@ -280,13 +280,14 @@ class Block(nn.Module):
 
 def add_norm(x: torch.Tensor, y: torch.Tensor | None, norm: RMSNorm, dtype: torch.dtype,
              native: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, norm(h)) for h = x + y (x where y is None): natively where allowed and it applies."""
-    if y is None:
-        return x, norm(x, dtype)
+    """(h, norm(h)) for h = x + y (x where y is None): natively where allowed and it applies.
+
+    The native path gives the same bits whether or not the add is deferred into it (one fp32
+    rounding either way), so models with and without block hooks decode alike."""
     fused = native_kernels.add_rms_norm(x, y, norm.weight, norm.eps, dtype) if native else None
     if fused is not None:
         return fused
-    h = x + y
+    h = x if y is None else x + y
     return h, norm(h, dtype)
 
 

@@ -111,18 +111,20 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cach
     return out
 
 
-def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(x + y, RMSNorm(x + y) in out_dtype) in one call, or None where the kernel does not apply
-    (then the caller runs PyTorch): x fp32 and y bf16/fp32 contiguous on CPU, out bf16/fp32."""
+    """(h, RMSNorm(h) in out_dtype) for h = x + y (x where y is None) in one call, or None where
+    the kernel does not apply (the caller runs PyTorch): x fp32 and y bf16/fp32, contiguous on CPU."""
     d = x.shape[-1]
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and y.dtype in (torch.bfloat16, torch.float32)
-            and out_dtype in (torch.bfloat16, torch.float32) and weight.dtype == torch.float32
-            and d % 8 == 0 and x.is_contiguous() and y.is_contiguous() and y.shape == x.shape and available()):
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and out_dtype in (torch.bfloat16, torch.float32)
+            and weight.dtype == torch.float32 and d % 8 == 0 and x.is_contiguous() and available()):
         return None
-    h = torch.empty_like(x)
+    if y is not None and not (y.dtype in (torch.bfloat16, torch.float32) and y.is_contiguous() and y.shape == x.shape):
+        return None
+    h = x if y is None else torch.empty_like(x)
     out = torch.empty(x.shape, dtype=out_dtype)
-    _check(_kernel().edge_rt_add_rms_norm(x.data_ptr(), y.data_ptr(), int(y.dtype == torch.bfloat16),
-                                          weight.data_ptr(), eps, h.data_ptr(), out.data_ptr(),
-                                          int(out_dtype == torch.bfloat16), x.numel() // d, d), d)
+    _check(_kernel().edge_rt_add_rms_norm(x.data_ptr(), None if y is None else y.data_ptr(),
+                                          int(y is not None and y.dtype == torch.bfloat16), weight.data_ptr(), eps,
+                                          h.data_ptr(), out.data_ptr(), int(out_dtype == torch.bfloat16),
+                                          x.numel() // d, d), d)
     return h, out
