@@ -170,6 +170,13 @@ int64_t edge_rt_attention(const float *q, int64_t q_sb, int64_t q_st, int64_t q_
     return attention(q, q_sb, q_st, q_sh, k, v, kv_sb, kv_sh, out, o_sb, o_st, o_sh, B, T, H, Hkv, hd, S, scale);
 }
 
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);               /* round to nearest even */
+}
+
 static inline float bf16_to_float(uint16_t x) {
     uint32_t u = (uint32_t)x << 16;
     float f;
@@ -181,15 +188,17 @@ static inline float bf16_to_float(uint16_t x) {
  * rotate q and k (half-split rope: y = x * cos + swap_halves(x) * sin, sin's first half negated),
  * write k and v at cache positions start..start+T-1, then attend as edge_rt_attention over
  * S = start + T keys. qkv rows are [q heads | k heads | v heads], bf16 (qkv_bf16 = 1) or fp32;
- * cos/sin rows (stride rope_st) belong to the T positions; out is [B, T, H * hd] contiguous. */
+ * cos/sin rows (stride rope_st) belong to the T positions; out is [B, T, H * hd] contiguous, fp32
+ * or (out_bf16 = 1) bf16 rounded to nearest even. */
 int64_t edge_rt_rope_attention(const void *qkv, int64_t qkv_bf16, int64_t qkv_sb, int64_t qkv_st,
                                const float *cos, const float *sin, int64_t rope_st,
                                float *kc, float *vc, int64_t kv_sb, int64_t kv_sh, int64_t start,
-                               float *out, int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd,
-                               float scale) {
+                               void *out, int64_t out_bf16, int64_t B, int64_t T, int64_t H, int64_t Hkv,
+                               int64_t hd, float scale) {
     if (hd % 8 || hd > 512) return -2;
-    float *qbuf = malloc(sizeof(float) * (size_t)(B * T * H * hd));
+    float *qbuf = malloc(sizeof(float) * (size_t)(2 * B * T * H * hd)); /* q, then the fp32 output */
     if (!qbuf) return -1;
+    float *o32 = out_bf16 ? qbuf + B * T * H * hd : (float *)out;
     float x[512];
     int64_t half = hd / 2;
     for (int64_t b = 0; b < B; b++)
@@ -216,17 +225,12 @@ int64_t edge_rt_rope_attention(const void *qkv, int64_t qkv_bf16, int64_t qkv_sb
                 }
             }
         }
-    int64_t rc = attention(qbuf, T * H * hd, H * hd, hd, kc, vc, kv_sb, kv_sh, out, T * H * hd, H * hd, hd,
+    int64_t rc = attention(qbuf, T * H * hd, H * hd, hd, kc, vc, kv_sb, kv_sh, o32, T * H * hd, H * hd, hd,
                            B, T, H, Hkv, hd, start + T, scale);
+    if (out_bf16)
+        for (int64_t i = 0; i < B * T * H * hd; i++) ((uint16_t *)out)[i] = float_to_bf16(o32[i]);
     free(qbuf);
     return rc;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);               /* round to nearest even */
 }
 
 /* The residual add and the RMSNorm after it, row by row: h = x + y (y bf16 or fp32; fp32 h; y NULL:
@@ -265,6 +269,37 @@ int64_t edge_rt_add_rms_norm(const float *x, const void *y, int64_t y_bf16, cons
             } else {
                 store8((float *)out + r * d + i, o);
             }
+        }
+    }
+    return 0;
+}
+
+/* SwiGLU's gate, row by row: out[r, i] = silu(g[r, i]) * u[r, i] with gu = [g | u] (n each), bf16
+ * in and out, rounded as PyTorch's bf16 ops round: silu to bf16, then the product to bf16. Staying
+ * this close to the PyTorch path keeps a prompt prefilled in one chunk (PyTorch's ops) and one whose
+ * last token is re-run alone (these kernels, prefix reuse) within float rounding of each other. */
+int64_t edge_rt_silu_mul_bf16(const uint16_t *gu, int64_t rows, int64_t n, uint16_t *out) {
+    if (n % 8) return -2;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *g = gu + r * 2 * n, *u = g + n;
+        uint16_t *o = out + r * n;
+        for (int64_t i = 0; i < n; i += 8) {
+            v8 gv, uv;
+            for (int j = 0; j < 8; j++) {
+                gv[j] = bf16_to_float(g[i + j]);
+                uv[j] = bf16_to_float(u[i + j]);
+            }
+            /* silu(x) = x / (1 + exp(-x)); exp8 takes x <= 0, so use exp(-|x|) and fold the sign */
+            v8i neg = gv < splat(0.0f);
+            v8 ax = (v8)((v8i)gv & ~(v8i)splat(-0.0f));
+            v8 e = exp8(-ax);                                     /* exp(-|g|) in (0, 1] */
+            v8 sig_pos = splat(1.0f) / (splat(1.0f) + e);         /* sigmoid(|g|) */
+            v8 sig_neg = e / (splat(1.0f) + e);                   /* sigmoid(-|g|) */
+            v8 sig = (v8)(((v8i)sig_neg & neg) | ((v8i)sig_pos & ~neg));
+            v8 sg = gv * sig;
+            for (int j = 0; j < 8; j++) sg[j] = bf16_to_float(float_to_bf16(sg[j])); /* as F.silu in bf16 */
+            v8 y = sg * uv;
+            for (int j = 0; j < 8; j++) o[i + j] = float_to_bf16(y[j]);
         }
     }
     return 0;

@@ -212,7 +212,8 @@ class Attention(nn.Module):
         if mask is None and native_kernels.fusable(qkv, cos, cache):
             # decode steps and exact verify chunks: rope, cache write and attention in one C call,
             # each query computed as a one-token step computes it
-            return self.wo(native_kernels.rope_attention(qkv, cos, sin, cache, H, Hkv, self.scale).to(x.dtype))
+            out = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+            return self.wo(native_kernels.rope_attention(qkv, cos, sin, cache, H, Hkv, self.scale, out).to(x.dtype))
         # rotate q and k together: [B, T, H + Hkv, hd]
         # Attention runs in the cache's dtype (fp32 by default: on CPU it is both faster
         # and closer to llama.cpp than bf16 for these small matrices).
@@ -251,9 +252,14 @@ class FeedForward(nn.Module):
         self.w13 = make_linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.w2 = make_linear(args.intermediate_size, args.hidden_size, bias=False)
 
-    def forward(self, x):
-        gate, up = self.w13(x).split(self.inter, dim=-1)
-        return self.w2(F.silu(gate) * up)
+    def forward(self, x, native: bool = False):
+        # native (decode steps and verify chunks): silu(gate) * up in one C call where it applies
+        gu = self.w13(x)
+        y = native_kernels.silu_mul(gu) if native else None
+        if y is None:
+            gate, up = gu.split(self.inter, dim=-1)
+            y = F.silu(gate) * up
+        return self.w2(y)
 
 
 class Block(nn.Module):
@@ -274,7 +280,7 @@ class Block(nn.Module):
         x, xn = add_norm(x, y, self.attn_norm, dtype, mask is None)
         a = self.attn(xn, cos, sin, cache, mask)
         h, hn = add_norm(x, a, self.ffn_norm, dtype, mask is None)
-        f = self.ffn(hn)
+        f = self.ffn(hn, mask is None)
         return (h, f) if defer else h + f
 
 

@@ -30,9 +30,10 @@ def _kernel():
         return None
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.edge_rt_attention.argtypes = [p, i64, i64, i64, p, p, i64, i64, p, i64, i64, i64, *[i64] * 6, f32]
-    lib.edge_rt_rope_attention.argtypes = [p, i64, i64, i64, p, p, i64, p, p, i64, i64, i64, p, *[i64] * 5, f32]
+    lib.edge_rt_rope_attention.argtypes = [p, i64, i64, i64, p, p, i64, p, p, i64, i64, i64, p, *[i64] * 6, f32]
     lib.edge_rt_add_rms_norm.argtypes = [p, p, i64, p, f32, p, p, i64, i64, i64]
-    for fn in (lib.edge_rt_attention, lib.edge_rt_rope_attention, lib.edge_rt_add_rms_norm):
+    lib.edge_rt_silu_mul_bf16.argtypes = [p, i64, i64, p]
+    for fn in (lib.edge_rt_attention, lib.edge_rt_rope_attention, lib.edge_rt_add_rms_norm, lib.edge_rt_silu_mul_bf16):
         fn.restype = i64
     return lib
 
@@ -86,7 +87,7 @@ def fusable(qkv: torch.Tensor, cos: torch.Tensor, cache) -> bool:
 
 
 def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, n_heads: int, n_kv: int,
-                   scale: float) -> torch.Tensor:
+                   scale: float, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A decode step or exact verify chunk in one call: rope on q and k, k and v into the cache,
     causal attention (query t sees positions 0..start+t).
 
@@ -94,20 +95,22 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cach
         qkv: [B, T, (H + 2 Hkv) * hd] the fused projection (bf16 or fp32).
         cos, sin: [T, 1, hd] fp32 rope rows of the T positions (sin's first half negated).
         cache: an edge_rt.kv.cache.KVCache (fp32, on CPU); it grows by T positions.
+        out_dtype: fp32, or bf16 (rounded from the fp32 result in the kernel).
     Returns:
-        [B, T, H * hd] fp32.
+        [B, T, H * hd] in out_dtype.
     """
     B, T, width = qkv.shape
     hd = width // (n_heads + 2 * n_kv)
     if not 0 < hd <= 512 or hd % 8:
         raise ValueError(f"native attention: head size {hd} is not supported")
     keys, values, start = cache.append_slots(T)
-    out = torch.empty(B, T, n_heads * hd, dtype=torch.float32)
+    bf16 = out_dtype == torch.bfloat16
+    out = torch.empty(B, T, n_heads * hd, dtype=torch.bfloat16 if bf16 else torch.float32)
     _check(_kernel().edge_rt_rope_attention(
         qkv.data_ptr(), int(qkv.dtype == torch.bfloat16), qkv.stride(0), qkv.stride(1),
         cos.data_ptr(), sin.data_ptr(), cos.stride(0),
         keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), start,
-        out.data_ptr(), B, T, n_heads, n_kv, hd, scale), hd)
+        out.data_ptr(), int(bf16), B, T, n_heads, n_kv, hd, scale), hd)
     return out
 
 
@@ -128,3 +131,15 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, 
                                           h.data_ptr(), out.data_ptr(), int(out_dtype == torch.bfloat16),
                                           x.numel() // d, d), d)
     return h, out
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor | None:
+    """silu(g) * u for gu = [g | u] on the last dim, bf16 on CPU, in one call (rounded as PyTorch's
+    bf16 silu and product round), or None where it does not apply (the caller runs PyTorch)."""
+    n2 = gu.shape[-1]
+    if not (gu.device.type == "cpu" and gu.dtype == torch.bfloat16 and n2 % 16 == 0 and gu.is_contiguous()
+            and available()):
+        return None
+    out = torch.empty(*gu.shape[:-1], n2 // 2, dtype=torch.bfloat16)
+    _check(_kernel().edge_rt_silu_mul_bf16(gu.data_ptr(), gu.numel() // n2, n2 // 2, out.data_ptr()), n2 // 2)
+    return out
