@@ -275,19 +275,15 @@ def test_gguf_rope_freqs_tensor_scales_frequencies(tmp_path):
 
 
 @pytest.mark.parametrize("H,Hkv,hd", [(9, 3, 64), (4, 2, 16), (4, 1, 128)])
-def test_native_kernels_matches_sdpa_and_each_row_equals_a_one_query_call(H, Hkv, hd):
+def test_native_attention_matches_sdpa_and_each_row_equals_a_one_query_call(H, Hkv, hd):
     """The C decode attention: close to PyTorch's SDPA, and row t of a T-query call is bit for bit
     the one-query call over keys 0..S-T+t (what makes speculative verify chunks exact)."""
-    import shutil
-
     import torch.nn.functional as F
 
     from edge_rt.models import native_kernels
     from edge_rt.models.llama import per_query_attention
 
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler")
-    assert native_kernels.available()
+    _native_or_skip()
     g = torch.Generator().manual_seed(hd)
     for S, T in [(1, 1), (13, 1), (37, 5), (64, 8), (300, 16)]:
         cache = torch.randn(2, 1, Hkv, S + 40, hd, generator=g)  # a cache with spare capacity
@@ -307,7 +303,7 @@ def test_native_kernels_matches_sdpa_and_each_row_equals_a_one_query_call(H, Hkv
             assert torch.equal(out[:, t], one[:, 0])
 
 
-def test_native_kernels_off_falls_back_to_sdpa(tmp_path, monkeypatch):
+def test_native_attention_off_falls_back_to_sdpa(tmp_path, monkeypatch):
     """EDGE_RT_NATIVE=0 (or no compiler): the model runs PyTorch's SDPA, with logits close to the
     native kernel's; bf16 caches and other devices never take the native path."""
     from edge_rt.models import native_kernels
@@ -337,14 +333,11 @@ def test_native_kernels_off_falls_back_to_sdpa(tmp_path, monkeypatch):
 def test_native_add_rms_norm_matches_torch_and_the_unfused_add():
     """The C residual add + RMSNorm: close to PyTorch's, rows independent of each other, and the
     same bits whether the add is fused (x, y) or done first by PyTorch (x + y, None)."""
-    import shutil
-
     import torch.nn.functional as F
 
     from edge_rt.models import native_kernels
 
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler")
+    _native_or_skip()
     g = torch.Generator().manual_seed(5)
     x = torch.randn(1, 7, 576, generator=g) * 3
     w = torch.randn(576, generator=g)
@@ -364,14 +357,11 @@ def test_native_add_rms_norm_matches_torch_and_the_unfused_add():
 
 
 def test_native_silu_mul_matches_torch():
-    import shutil
-
     import torch.nn.functional as F
 
     from edge_rt.models import native_kernels
 
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler")
+    _native_or_skip()
     g = torch.Generator().manual_seed(6)
     gu = (torch.randn(1, 5, 2 * 96, generator=g) * 4).bfloat16()
     gu[0, 0, :4] = torch.tensor([0.0, -90.0, 90.0, -0.5])  # zero, saturated tails, a negative
@@ -382,3 +372,18 @@ def test_native_silu_mul_matches_torch():
     assert (out != ref).float().mean() < 0.02  # the same bits almost everywhere (exp differs in the last bit)
     assert torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-6)
     assert native_kernels.silu_mul(gu.float()) is None  # fp32 is PyTorch's
+
+
+def _native_or_skip():
+    """Skip where the native kernels are off on purpose (EDGE_RT_NATIVE=0) or cannot be built (no
+    C compiler); where a compiler exists they must build."""
+    import os
+    import shutil
+
+    from edge_rt.models import native_kernels
+
+    if os.environ.get("EDGE_RT_NATIVE", "1") == "0":
+        pytest.skip("native kernels turned off (EDGE_RT_NATIVE=0)")
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler")
+    assert native_kernels.available()

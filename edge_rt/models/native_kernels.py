@@ -1,12 +1,17 @@
-"""Decode-step kernels in C (edge_rt/models/decode_kernels.c): attention, and the residual add + RMSNorm.
+"""Decode-step kernels in C (edge_rt/models/decode_kernels.c), for CPU decode steps and verify chunks.
 
-`attention(q, k, v, scale)` runs causal attention for T queries (query t sees keys 0..S-T+t) in
-one call, each query computed exactly as a one-query call computes it. That makes a T-token
-speculative verify chunk bit-identical to T one-token steps without T separate attention calls
-(the per-query SDPA loop it replaces cost about 35 us a query and layer on a 2-core CPU; see
-docs/SPECULATIVE.md). Plain decode steps (T = 1) run through the same kernel, so both paths share
-one set of numerics. `available()` is False without a C compiler or with EDGE_RT_NATIVE=0; the
-model then uses PyTorch's SDPA (one query at a time for verify chunks).
+- `rope_attention`: rope on q and k, k and v into the KV cache, causal attention for T queries
+  (query t sees positions 0..start+t), in one call; `attention` is the same without rope and cache.
+- `add_rms_norm`: the residual add and the RMSNorm after it.
+- `silu_mul`: SwiGLU's gate, silu(g) * u, rounded as PyTorch's bf16 ops round.
+
+Every kernel computes a row exactly as a one-row call computes it, so a T-token speculative verify
+chunk is bit-identical to T one-token steps without T separate attention calls (the per-query SDPA
+loop it replaces cost about 35 us a query and layer on a 2-core CPU; docs/SPECULATIVE.md). Plain
+decode steps (T = 1) run through the same kernels, so both paths share one set of numerics.
+`available()` is False without a C compiler or with EDGE_RT_NATIVE=0; the model then runs PyTorch
+(SDPA one query at a time for verify chunks). Each function returns None, or `fusable` False,
+where its dtypes, device or layout do not apply, and the caller runs PyTorch.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ SOURCE = Path(__file__).with_name("decode_kernels.c")
 
 @functools.lru_cache(maxsize=None)
 def _kernel():
-    lib = load_library(SOURCE, "decode attention falls back to PyTorch SDPA (slower speculative verify)",
+    lib = load_library(SOURCE, "decode-step kernels fall back to PyTorch (slower decoding and verify)",
                        simd="avx2")
     if lib is None:
         return None
