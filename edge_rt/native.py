@@ -8,7 +8,7 @@ warning naming the reason and what `what` falls back to (none for EDGE_RT_NATIVE
 torch or numpy path for None; ctypes releases the GIL during calls.
 
 Kernels: offload/endor_kernel.c (Endor decode, offload/native.py) and edge_rt/models/decode_kernels.c
-(decode-time attention, edge_rt/models/native_kernels.py).
+(decode-step attention, add + RMSNorm and SwiGLU gate, edge_rt/models/native_kernels.py).
 """
 
 from __future__ import annotations

@@ -290,7 +290,6 @@ def test_native_attention_matches_sdpa_and_each_row_equals_a_one_query_call(H, H
         k, v = cache[0, :, :, :S], cache[1, :, :, :S]
         qk = torch.randn(1, T, H + Hkv, hd, generator=g)  # q rows inside the fused q/k tensor
         q = qk[:, :, :H]
-        assert native_kernels.usable(qk, k, v)
         out = native_kernels.attention(q, k, v, 1 / math.sqrt(hd))
         ref = per_query_attention(q.transpose(1, 2), k, v).transpose(1, 2).reshape(1, T, H * hd)
         assert torch.allclose(out, ref, atol=2e-6, rtol=1e-5), (out - ref).abs().max()
@@ -325,9 +324,15 @@ def test_native_attention_off_falls_back_to_sdpa(tmp_path, monkeypatch):
     native_kernels._kernel.cache_clear()
     monkeypatch.delenv("EDGE_RT_NATIVE")
     assert torch.allclose(runs["0"], runs["1"], atol=1e-5 * runs["0"].abs().max(), rtol=0)
-    x = torch.zeros(1, 1, 4, 16)
-    assert not native_kernels.usable(x.bfloat16(), x.bfloat16(), x.bfloat16())
-    assert not native_kernels.usable(x, x[..., :12], x[..., :12])  # head size not a multiple of 8
+    # what the fused decode attention does not take, the model runs through PyTorch
+    from edge_rt.kv.cache import KVCache
+
+    cache = KVCache(1, 2, 16, 64, torch.float32, "cpu")
+    qkv, cos = torch.zeros(1, 1, 8 * 16), torch.zeros(1, 1, 16)
+    assert native_kernels.fusable(qkv, cos, cache, 16) == native_kernels.available()
+    assert not native_kernels.fusable(qkv, cos, KVCache(1, 2, 16, 64, torch.bfloat16, "cpu"), 16)  # bf16 cache
+    assert not native_kernels.fusable(qkv, cos, cache, 12)  # head size not a multiple of 8
+    assert not native_kernels.fusable(qkv.to(torch.float16), cos, cache, 16)
 
 
 def test_native_add_rms_norm_matches_torch_and_the_unfused_add():

@@ -235,11 +235,13 @@ class DraftController:
         """Follow the measured cost per drafted token (model drafters)."""
         self.draft_cost = 0.8 * self.draft_cost + 0.2 * seconds / k if self.draft_cost else seconds / k
 
-    def observe_cost(self, t: int, seconds: float, all_rows: bool = True) -> None:
-        """Follow the measured cost of a t-token verify (load changes, longer contexts); all_rows:
-        every row's logits were computed (else only the first block's)."""
+    def observe_cost(self, t: int, seconds: float, rows_read: int | None = None) -> None:
+        """Follow the measured cost of a t-token verify (load changes, longer contexts); rows_read:
+        how many of its rows' logits the walk read (None: all)."""
         if 1 <= t < len(self.costs):
-            table = self.costs if all_rows or self.costs.block is None or t <= self.costs.block else self.costs.first
+            c = self.costs
+            only_first = c.block is not None and rows_read is not None and rows_read <= c.block < t
+            table = c.first if only_first else c
             table[t] = 0.8 * table[t] + 0.2 * seconds
 
 
@@ -286,8 +288,7 @@ def speculative_tokens(backend, drafter, controller: DraftController, sampler: S
         out, n_acc = _walk(rows, draft, sampler, history)
         t2 = time.perf_counter()
         stats.verify_s += t2 - t1
-        block = controller.costs.block
-        controller.observe_cost(len(chunk), t2 - t1, all_rows=block is None or len(out) > block)
+        controller.observe_cost(len(chunk), t2 - t1, rows_read=len(out))
         if on_forward:
             on_forward(chunk)
         k = len(draft.tokens)

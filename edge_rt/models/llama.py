@@ -209,7 +209,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
         qkv = self.wqkv(x)
-        if mask is None and native_kernels.fusable(qkv, cos, cache):
+        if mask is None and native_kernels.fusable(qkv, cos, cache, hd):
             # decode steps and exact verify chunks: rope, cache write and attention in one C call,
             # each query computed as a one-token step computes it
             out = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32

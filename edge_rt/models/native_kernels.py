@@ -47,20 +47,11 @@ def available() -> bool:
     return _kernel() is not None
 
 
-def _check(rc: int, hd: int) -> None:
+def _check(rc: int, what: str) -> None:
     if rc == -1:
-        raise MemoryError("native attention: scratch buffer could not be allocated")
+        raise MemoryError(f"native {what}: scratch buffer could not be allocated")
     if rc:
-        raise ValueError(f"native attention: head size {hd} is not supported")
-
-
-def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `attention` takes these tensors: fp32 on CPU, head size a multiple of 8 up to 512,
-    rows contiguous, keys and values laid out alike (the kernel is then built on first use)."""
-    hd = k.shape[-1]
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
-            and hd % 8 == 0 and hd <= 512 and q.stride(-1) == 1 and k.stride(-1) == 1
-            and k.stride(-2) == hd and v.stride() == k.stride() and available())
+        raise ValueError(f"native {what}: size not supported (a multiple of 8 is needed)")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -79,16 +70,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     _check(_kernel().edge_rt_attention(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
                                        k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
                                        out.data_ptr(), out.stride(0), out.stride(1), out.stride(2),
-                                       B, T, H, Hkv, hd, S, scale), hd)
+                                       B, T, H, Hkv, hd, S, scale), f"attention (head size {hd})")
     return out.view(B, T, H * hd)
 
 
-def fusable(qkv: torch.Tensor, cos: torch.Tensor, cache) -> bool:
+def fusable(qkv: torch.Tensor, cos: torch.Tensor, cache, head_dim: int) -> bool:
     """Whether `rope_attention` takes this step: a CPU fp32 cache with `append_slots`, a bf16 or
-    fp32 projection with contiguous rows, fp32 rope rows, and the kernel built."""
+    fp32 projection with contiguous rows, fp32 rope rows, a head size that is a multiple of 8 up to
+    512, and the kernel built."""
     return (getattr(cache, "append_slots", None) is not None and cache.dtype == torch.float32
             and qkv.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float32) and qkv.stride(-1) == 1
-            and cos.dtype == torch.float32 and cos.stride(-1) == 1 and available())
+            and cos.dtype == torch.float32 and cos.stride(-1) == 1 and head_dim % 8 == 0 and 0 < head_dim <= 512
+            and available())
 
 
 def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, n_heads: int, n_kv: int,
@@ -107,7 +100,7 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cach
     B, T, width = qkv.shape
     hd = width // (n_heads + 2 * n_kv)
     if not 0 < hd <= 512 or hd % 8:
-        raise ValueError(f"native attention: head size {hd} is not supported")
+        raise ValueError(f"native attention (head size {hd}): size not supported (a multiple of 8 is needed)")
     keys, values, start = cache.append_slots(T)
     bf16 = out_dtype == torch.bfloat16
     out = torch.empty(B, T, n_heads * hd, dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -115,7 +108,7 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cach
         qkv.data_ptr(), int(qkv.dtype == torch.bfloat16), qkv.stride(0), qkv.stride(1),
         cos.data_ptr(), sin.data_ptr(), cos.stride(0),
         keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), start,
-        out.data_ptr(), int(bf16), B, T, n_heads, n_kv, hd, scale), hd)
+        out.data_ptr(), int(bf16), B, T, n_heads, n_kv, hd, scale), f"attention (head size {hd})")
     return out
 
 
@@ -134,7 +127,7 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, 
     _check(_kernel().edge_rt_add_rms_norm(x.data_ptr(), None if y is None else y.data_ptr(),
                                           int(y is not None and y.dtype == torch.bfloat16), weight.data_ptr(), eps,
                                           h.data_ptr(), out.data_ptr(), int(out_dtype == torch.bfloat16),
-                                          x.numel() // d, d), d)
+                                          x.numel() // d, d), f"RMSNorm (width {d})")
     return h, out
 
 
@@ -146,5 +139,6 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor | None:
             and available()):
         return None
     out = torch.empty(*gu.shape[:-1], n2 // 2, dtype=torch.bfloat16)
-    _check(_kernel().edge_rt_silu_mul_bf16(gu.data_ptr(), gu.numel() // n2, n2 // 2, out.data_ptr()), n2 // 2)
+    _check(_kernel().edge_rt_silu_mul_bf16(gu.data_ptr(), gu.numel() // n2, n2 // 2, out.data_ptr()),
+           f"SwiGLU gate (width {n2 // 2})")
     return out
