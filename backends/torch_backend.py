@@ -20,12 +20,14 @@ def batch_invariant(model: Transformer) -> bool:
     (docs/NOTES.md, tests/test_cuda.py): PyTorch's packed int4 kernels, on CPU and on CUDA (tinygemm,
     checked on an H100 for 1..16 rows at SmolLM2's shapes), give each row the same bits whatever the
     number of rows, while dense fp32/bf16 products switch kernels between 1 and several rows (gemv vs
-    gemm).
+    gemm). edge-rt's own int4 kernel ("native", models/int4_matmul.c) is row-invariant by
+    construction (tests/test_quants.py).
     """
     from edge_rt.models.linear import Int4Linear
 
     linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int4Linear))]
-    return bool(linears) and all(isinstance(m, Int4Linear) and m.kernel in ("cpu", "cuda") for m in linears)
+    return bool(linears) and all(isinstance(m, Int4Linear) and m.kernel in ("cpu", "cuda", "native")
+                                 for m in linears)
 
 
 def head_block(model: Transformer) -> int | None:

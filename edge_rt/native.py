@@ -41,14 +41,21 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def compiler_flags(simd: str = "baseline") -> list[str]:
+def simd_level() -> str:
+    """"avx2" on x86-64 CPUs with AVX2 and FMA, else "baseline"."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return "avx2" if x86 and {"avx2", "fma"} <= _cpu_flags() else "baseline"
+
+
+def compiler_flags(simd: str = "baseline", openmp: bool = False) -> list[str]:
     """Flags for a shared library. simd "baseline": SSSE3 on x86-64 (every CPU since 2006);
     "avx2": adds AVX2 and FMA where this CPU has them (the build key includes the flags, so a
-    library built for one CPU is not loaded on a lesser one sharing the cache)."""
-    flags = ["-O3", "-fPIC", "-shared", "-std=gnu99", "-fno-math-errno"]
+    library built for one CPU is not loaded on a lesser one sharing the cache). openmp: -fopenmp;
+    loaded after torch, the library binds to torch's libgomp (same soname), one thread pool."""
+    flags = ["-O3", "-fPIC", "-shared", "-std=gnu99", "-fno-math-errno"] + (["-fopenmp"] if openmp else [])
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-mssse3")
-        if simd == "avx2" and {"avx2", "fma"} <= _cpu_flags():
+        if simd == "avx2" and simd_level() == "avx2":
             flags += ["-mavx2", "-mfma"]
     return flags
 
@@ -80,7 +87,7 @@ def enabled() -> bool:
     return os.environ.get("EDGE_RT_NATIVE", "1") != "0"
 
 
-def load_library(src: Path, what: str, simd: str = "baseline") -> ctypes.CDLL | None:
+def load_library(src: Path, what: str, simd: str = "baseline", openmp: bool = False) -> ctypes.CDLL | None:
     """The compiled `src`, or None (see the module doc); `what` ends the fallback warning."""
     if not enabled():
         return None
@@ -88,7 +95,7 @@ def load_library(src: Path, what: str, simd: str = "baseline") -> ctypes.CDLL | 
 
     try:
         with _lock:
-            return ctypes.CDLL(str(_build(src, edge_rt_home() / "native", compiler_flags(simd))))
+            return ctypes.CDLL(str(_build(src, edge_rt_home() / "native", compiler_flags(simd, openmp))))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         warnings.warn(f"edge-rt: {what}: {e}", RuntimeWarning, stacklevel=3)
         return None

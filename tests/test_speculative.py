@@ -7,6 +7,7 @@ halves) cover the mechanics; tests/test_speculative_real.py runs the prompt suit
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -20,10 +21,26 @@ from edge_rt.generation.sampling import Sampler, SamplingParams
 from edge_rt.generation.speculative import DraftController, SpeculativeConfig, _walk
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+@pytest.fixture(scope="module", params=["pytorch", "native"])
+def tiny(request, tmp_path_factory):
+    """A tiny Q8_0 model on each CPU int4 kernel: PyTorch's, and edge-rt's own (models/int4_matmul.c,
+    skipped where it cannot run)."""
+    from edge_rt.models import native_kernels
+
+    if request.param == "native" and not native_kernels.int4_available():
+        pytest.skip("the native int4 kernel needs AVX2 + FMA and a C compiler")
     path = write_tiny_gguf(tmp_path_factory.mktemp("spec") / "tiny.gguf", qtype="Q8_0")
-    return edge_rt.load(path, device="cpu", n_ctx=256)
+    old = os.environ.get("EDGE_RT_INT4_KERNEL")
+    os.environ["EDGE_RT_INT4_KERNEL"] = request.param
+    try:
+        llm = edge_rt.load(path, device="cpu", n_ctx=256)
+    finally:
+        if old is None:
+            del os.environ["EDGE_RT_INT4_KERNEL"]
+        else:
+            os.environ["EDGE_RT_INT4_KERNEL"] = old
+    assert llm.backend.model.lm_head.kernel == ("native" if request.param == "native" else "cpu")
+    return llm
 
 
 def _prompts(n=12, seed=0):
@@ -99,7 +116,9 @@ def test_lazy_verify_rows_equal_the_full_chunk_and_skip_the_second_block(tiny):
     """verify_rows computes logits head_block rows at a time, only when read; every row equals
     the full verify's, and a walk that stops in the first block never runs the second."""
     be = tiny.backend
-    assert be.head_block == 4  # int4 output layer on CPU
+    # PyTorch's int4 CPU kernel reads the weights once per 4 rows; the native one once per call
+    block = {"cpu": 4, "native": None}[be.model.lm_head.kernel]
+    assert be.head_block == block
     ids = _prompts(1)[0]
     be.reset()
     be.forward(ids[:5])
@@ -107,8 +126,9 @@ def test_lazy_verify_rows_equal_the_full_chunk_and_skip_the_second_block(tiny):
     be.trim(8)
     rows = be.verify_rows(ids[5:13])
     assert len(rows) == 8 and not rows.done
-    assert torch.equal(rows[2], full[2]) and [p.shape[0] for _, p in rows.done] == [4]
-    assert torch.equal(rows[5], full[5]) and [p.shape[0] for _, p in rows.done] == [4, 4]
+    first = [4] if block else [8]
+    assert torch.equal(rows[2], full[2]) and [p.shape[0] for _, p in rows.done] == first
+    assert torch.equal(rows[5], full[5]) and [p.shape[0] for _, p in rows.done] == ([4, 4] if block else [8])
     assert torch.equal(rows.logits(8), full)
     with pytest.raises(IndexError):
         rows[8]

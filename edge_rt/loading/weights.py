@@ -8,6 +8,8 @@ to fp32 and cast to the compute dtype. Norm weights stay fp32.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -29,13 +31,28 @@ def _check_shape(target: str, got: tuple, want: tuple) -> None:
         raise ModelFormatError(f"tensor for {target} has shape {tuple(got)}, the config implies {tuple(want)}")
 
 
-def int4_kernel_for(device: torch.device, dtype: torch.dtype, in_features: int) -> tuple[str, int]:
-    """Which packed int4 kernel runs here: ("cpu" | "cuda" | "dense", CUDA inner_k_tiles).
+INT4_KERNELS = ("auto", "native", "pytorch")
 
-    CPU: _weight_int4pack_mm_for_cpu (bf16/fp16/fp32 inputs). CUDA: tinygemm's
-    _weight_int4pack_mm, bf16 inputs only, compute capability 8.0+, K a multiple of
-    16 * inner_k_tiles. Anything else (MPS, older GPUs, fp16 on CUDA) runs a dequantized weight.
+
+def int4_kernel_for(device: torch.device, dtype: torch.dtype, in_features: int) -> tuple[str, int]:
+    """Which packed int4 kernel runs here: ("native" | "cpu" | "cuda" | "dense", CUDA inner_k_tiles).
+
+    CPU, bf16: edge-rt's own kernel ("native", models/int4_matmul.c, AVX2 + FMA) where PyTorch's
+    CPU kernels run at AVX2 level, PyTorch's _weight_int4pack_mm_for_cpu ("cpu") where they run
+    AVX-512 (measured on one CPU both ways, docs/BENCHMARKS.md: native 1.4x faster than PyTorch's
+    AVX2 kernel, 0.87x its AVX-512 one). $EDGE_RT_INT4_KERNEL=native|pytorch overrides the choice.
+    CPU, other dtypes: "cpu". CUDA: tinygemm's _weight_int4pack_mm, bf16 inputs only, compute
+    capability 8.0+, K a multiple of 16 * inner_k_tiles. Anything else (MPS, older GPUs, fp16 on
+    CUDA) runs a dequantized weight.
     """
+    choice = os.environ.get("EDGE_RT_INT4_KERNEL", "auto").strip().lower() or "auto"
+    if choice not in INT4_KERNELS:
+        raise ValueError(f"EDGE_RT_INT4_KERNEL={choice!r}: expected one of {', '.join(INT4_KERNELS)}")
+    if device.type == "cpu" and dtype == torch.bfloat16 and in_features % 32 == 0 and choice != "pytorch":
+        from edge_rt.models.native_kernels import int4_available
+
+        if (choice == "native" or torch.backends.cpu.get_cpu_capability() == "AVX2") and int4_available():
+            return "native", 8
     if device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return "cpu", 8
     if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8:

@@ -4,6 +4,8 @@
   (query t sees positions 0..start+t), in one call; `attention` is the same without rope and cache.
 - `add_rms_norm`: the residual add and the RMSNorm after it.
 - `silu_mul`: SwiGLU's gate, silu(g) * u, rounded as PyTorch's bf16 ops round.
+- `int4_matmul` (edge_rt/models/int4_matmul.c, AVX2 + FMA, OpenMP): int4 group-quantized matrix
+  products for Int4Linear's "native" kernel; the weights are read once per call whatever the rows.
 
 Every kernel computes a row exactly as a one-row call computes it, so a T-token speculative verify
 chunk is bit-identical to T one-token steps without T separate attention calls (the per-query SDPA
@@ -25,6 +27,7 @@ import torch
 from edge_rt.native import load_library
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
+INT4_SOURCE = Path(__file__).with_name("int4_matmul.c")
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,11 +50,53 @@ def available() -> bool:
     return _kernel() is not None
 
 
-def _check(rc: int, what: str) -> None:
+@functools.lru_cache(maxsize=None)
+def _int4_kernel():
+    from edge_rt.native import simd_level
+
+    if simd_level() != "avx2":
+        return None  # the portable build is slower than PyTorch's int4 kernel: use that instead
+    lib = load_library(INT4_SOURCE, "int4 matrix products fall back to PyTorch's kernel", simd="avx2", openmp=True)
+    if lib is None:
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.edge_rt_int4_matmul.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, p, i64, i64]
+    lib.edge_rt_int4_matmul.restype = i64
+    return lib
+
+
+def int4_available() -> bool:
+    """Whether `int4_matmul` runs here: x86-64 with AVX2 and FMA, and the kernel built."""
+    return _int4_kernel() is not None
+
+
+def int4_matmul(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, n_out: int, repeat: int = 1) -> torch.Tensor:
+    """x @ w.T for int4 weights in models/int4_matmul.c's layout (see linear.pack_native).
+
+    Args:
+        x: [..., Kx] bf16 on CPU (rows contiguous).
+        codes, sz: from linear.pack_native (K = Kx * repeat).
+        n_out: N, the outputs (codes hold them padded to a multiple of 16).
+        repeat: the input is read `repeat` times along K (int8 weights as two 4-bit halves).
+    Returns:
+        [..., N] bf16, each row computed exactly as a one-row call computes it.
+    """
+    Kx, N = x.shape[-1], n_out
+    x2 = x.reshape(-1, Kx)
+    if x2.stride(-1) != 1 or x2.dtype != torch.bfloat16:
+        x2 = x2.to(torch.bfloat16).contiguous()
+    y = torch.empty(x2.shape[0], N, dtype=torch.bfloat16)
+    _check(_int4_kernel().edge_rt_int4_matmul(codes.data_ptr(), sz.data_ptr(), x2.data_ptr(), 1, x2.stride(0),
+                                              x2.shape[0], Kx, repeat, N, y.data_ptr(), 1, N),
+           f"int4 matmul ({N} x {Kx * repeat})", "an input width that is a multiple of 32")
+    return y.view(*x.shape[:-1], N)
+
+
+def _check(rc: int, what: str, need: str = "a multiple of 8") -> None:
     if rc == -1:
         raise MemoryError(f"native {what}: scratch buffer could not be allocated")
     if rc:
-        raise ValueError(f"native {what}: size not supported (a multiple of 8 is needed)")
+        raise ValueError(f"native {what}: size not supported ({need} is needed)")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,0 +1,174 @@
+/* Int4 group-quantized matrix products for edge-rt's CPU decode steps and verify chunks
+ * (edge_rt/models/native_kernels.py builds and calls it; Int4Linear holds the weights).
+ *
+ * y[t, n] = sum_k x[t, k] * w[n, k], with w[n, k] = (q[n, k] - 8) * s[n, g] + z[n, g] for the
+ * 32-wide group g = k / 32, computed as
+ *     y[t, n] = sum_g ( s[n, g] * a[t, n, g] + (z[n, g] - 8 s[n, g]) * X[t, g] ),
+ *     a[t, n, g] = sum_{k in g} q[n, k] * x[t, k],   X[t, g] = sum_{k in g} x[t, k]
+ * (fp32 throughout; z - 8 s is one fused multiply-add).
+ * Weights are read once per call whatever the number of rows T, so a T-token verify chunk costs
+ * little more than a one-token step while the CPU keeps up with memory (PyTorch's int4 CPU kernel
+ * reads them once per 4 rows), and the scales are applied once per group, not once per weight.
+ *
+ * Row invariance: y[t, n] is computed by the same operations in the same order whatever T is and
+ * whichever rows or outputs share the call: a[t, n, g] is one chain of fused multiply-adds over
+ * k in order, X[t, g] a sequential sum, and y accumulates group by group in order. The tile shapes
+ * below only choose which accumulators share registers.
+ *
+ * Layout (linear.pack_native writes it): outputs in units of 16 (N padded with zero weights);
+ * codes [N / 16, K, 8] bytes, byte j of unit u at input k holding q[16 u + j, k] (low nibble) and
+ * q[16 u + 8 + j, k] (high nibble); sz [N / 16, K / 32, 2, 16] bf16 (16 scales, then 16 zeros).
+ * x [T, Kx] bf16 or fp32 (row stride ldx), read `repeat` times along k (K = Kx * repeat: int8
+ * weights split into two 4-bit halves); y [T, N] bf16 (rounded to nearest even) or fp32, row
+ * stride ldy. Needs AVX2 and FMA (native_kernels.py builds it only where the CPU has them).
+ * Threads: OpenMP, the units split evenly between threads; in a process that has imported torch
+ * the library binds to torch's own libgomp (same soname), so both share one thread pool.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static inline float bf16_to_float(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);               /* round to nearest even */
+}
+
+static inline __m256 load_bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* A tile of U units (2 U output vectors of 8) by TB rows. codes/sz point at the first unit;
+ * x [TB, K] fp32, xs [TB, G] group sums; y gets [TB, 16 U] results (fp32, row stride 16 U). */
+#define TILE(U, TB)                                                                                       \
+    static void tile_##U##_##TB(const uint8_t *codes, const uint16_t *sz, int64_t K, int64_t G,            \
+                                const float *x, const float *xs, float *y) {                              \
+        __m256 tot[TB][2 * U];                                                                            \
+        _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                             \
+            _Pragma("GCC unroll 16") for (int v = 0; v < 2 * U; v++) tot[t][v] = _mm256_setzero_ps();     \
+        const __m256i nib = _mm256_set1_epi32(15);                                                        \
+        for (int64_t g = 0; g < G; g++) {                                                                 \
+            __m256 a[TB][2 * U];                                                                          \
+            _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                         \
+                _Pragma("GCC unroll 16") for (int v = 0; v < 2 * U; v++) a[t][v] = _mm256_setzero_ps();   \
+            for (int64_t k = g * 32; k < g * 32 + 32; k++) {                                              \
+                __m256 b[TB];                                                                             \
+                _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) b[t] = _mm256_broadcast_ss(x + t * K + k); \
+                _Pragma("GCC unroll 16") for (int u = 0; u < U; u++) {                                    \
+                    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + (u * K + k) * 8))); \
+                    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(c, nib));                       \
+                    const __m256 w1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4));                        \
+                    _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) {                               \
+                        a[t][2 * u] = _mm256_fmadd_ps(w0, b[t], a[t][2 * u]);                             \
+                        a[t][2 * u + 1] = _mm256_fmadd_ps(w1, b[t], a[t][2 * u + 1]);                     \
+                    }                                                                                     \
+                }                                                                                         \
+            }                                                                                             \
+            _Pragma("GCC unroll 16") for (int u = 0; u < U; u++)                                          \
+                _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {                                     \
+                    const uint16_t *p = sz + (u * G + g) * 32 + 8 * h;                                    \
+                    const __m256 s = load_bf16x8(p);                                                      \
+                    const __m256 z = _mm256_fmadd_ps(s, _mm256_set1_ps(-8.0f), load_bf16x8(p + 16));      \
+                    _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) {                               \
+                        __m256 r = _mm256_fmadd_ps(s, a[t][2 * u + h], tot[t][2 * u + h]);                \
+                        tot[t][2 * u + h] = _mm256_fmadd_ps(z, _mm256_broadcast_ss(xs + t * G + g), r);   \
+                    }                                                                                     \
+                }                                                                                         \
+        }                                                                                                 \
+        _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                             \
+            _Pragma("GCC unroll 16") for (int v = 0; v < 2 * U; v++) _mm256_storeu_ps(y + t * 16 * U + 8 * v, tot[t][v]); \
+    }
+
+TILE(4, 1)
+TILE(2, 1)
+TILE(1, 1)
+TILE(2, 2)
+TILE(1, 2)
+TILE(1, 3)
+TILE(1, 4)
+
+typedef void (*tile_fn)(const uint8_t *, const uint16_t *, int64_t, int64_t, const float *, const float *, float *);
+
+/* Rows t0 .. t0 + tb of units u0 .. u1 into y. */
+static void run_units(int64_t tb, const uint8_t *codes, const uint16_t *sz, int64_t K, int64_t G, const float *x,
+                      const float *xs, int64_t u0, int64_t u1, void *y, int64_t y_bf16, int64_t ldy, int64_t N) {
+    static const tile_fn wide[5] = {NULL, tile_4_1, tile_2_2, tile_1_3, tile_1_4};
+    static const int wide_units[5] = {0, 4, 2, 1, 1};
+    static const tile_fn narrow[5] = {NULL, tile_1_1, tile_1_2, tile_1_3, tile_1_4};
+    float buf[4 * 64];
+    for (int64_t u = u0; u < u1;) {
+        int64_t nu = wide_units[tb];
+        tile_fn f = wide[tb];
+        if (u + nu > u1) {
+            nu = (tb == 1 && u + 2 <= u1) ? 2 : 1;
+            f = nu == 2 ? tile_2_1 : narrow[tb];
+        }
+        f(codes + u * K * 8, sz + u * G * 32, K, G, x, xs, buf);
+        const int64_t w = 16 * nu, n0 = 16 * u, nn = n0 + w <= N ? w : N - n0;
+        for (int64_t t = 0; t < tb; t++)
+            for (int64_t j = 0; j < nn; j++) {
+                if (y_bf16)
+                    ((uint16_t *)y)[t * ldy + n0 + j] = float_to_bf16(buf[t * w + j]);
+                else
+                    ((float *)y)[t * ldy + n0 + j] = buf[t * w + j];
+            }
+        u += nu;
+    }
+}
+
+/* Returns 0, -1 (scratch allocation failed) or -2 (K not a multiple of 32, or no rows). */
+int64_t edge_rt_int4_matmul(const uint8_t *codes, const uint16_t *sz, const void *x, int64_t x_bf16, int64_t ldx,
+                            int64_t T, int64_t Kx, int64_t repeat, int64_t N, void *y, int64_t y_bf16, int64_t ldy) {
+    const int64_t K = Kx * repeat;
+    if (K % 32 || T <= 0 || N <= 0) return -2;
+    const int64_t G = K / 32, units = (N + 15) / 16;
+    /* x as fp32 rows [T, K] and its group sums [T, G] */
+    float *xf = malloc(sizeof(float) * (size_t)(T * (K + G)));
+    if (!xf) return -1;
+    float *xs = xf + T * K;
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t r = 0; r < repeat; r++) {
+            float *dst = xf + t * K + r * Kx;
+            if (x_bf16) {
+                const uint16_t *src = (const uint16_t *)x + t * ldx;
+                for (int64_t k = 0; k < Kx; k++) dst[k] = bf16_to_float(src[k]);
+            } else {
+                memcpy(dst, (const float *)x + t * ldx, sizeof(float) * (size_t)Kx);
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < 32; k++) s += xf[t * K + g * 32 + k];
+            xs[t * G + g] = s;
+        }
+    }
+#pragma omp parallel if (units * K * (T < 4 ? T : 4) >= 32768)
+    {
+#ifdef _OPENMP
+        const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+        const int64_t nt = 1, id = 0;
+#endif
+        const int64_t u0 = units * id / nt, u1 = units * (id + 1) / nt;
+        for (int64_t t = 0; t < T;) {
+            const int64_t tb = T - t >= 4 ? 4 : T - t;
+            void *yt = y_bf16 ? (void *)((uint16_t *)y + t * ldy) : (void *)((float *)y + t * ldy);
+            run_units(tb, codes, sz, K, G, xf + t * K, xs + t * G, u0, u1, yt, y_bf16, ldy, N);
+            t += tb;
+        }
+    }
+    free(xf);
+    return 0;
+}
