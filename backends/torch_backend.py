@@ -26,7 +26,7 @@ def batch_invariant(model: Transformer) -> bool:
     from edge_rt.models.linear import Int4Linear
 
     linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int4Linear))]
-    return bool(linears) and all(isinstance(m, Int4Linear) and m.kernel in ("cpu", "cuda", "native")
+    return bool(linears) and all(isinstance(m, Int4Linear) and m.kernel in ("cpu", "cuda", "native", "native_bf16")
                                  for m in linears)
 
 

@@ -47,6 +47,11 @@ def simd_level() -> str:
     return "avx2" if x86 and {"avx2", "fma"} <= _cpu_flags() else "baseline"
 
 
+def has_avx512_bf16() -> bool:
+    """Whether this CPU runs AVX-512 BF16 (vdpbf16ps) with AVX-512 F/BW/VL."""
+    return simd_level() == "avx2" and {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= _cpu_flags()
+
+
 def compiler_flags(simd: str = "baseline", openmp: bool = False) -> list[str]:
     """Flags for a shared library. simd "baseline": SSSE3 on x86-64 (every CPU since 2006);
     "avx2": adds AVX2 and FMA where this CPU has them (the build key includes the flags, so a

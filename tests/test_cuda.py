@@ -254,7 +254,7 @@ def test_int4_linear_on_device_matches_dequantized_product(N, K, repeat, bias):
     if ON_CUDA and HALF == torch.bfloat16 and torch.cuda.get_device_capability(DEV.index) >= (8, 0):
         assert kernel == "cuda"
     elif DEV.kind == "cpu":
-        assert kernel in ("cpu", "native")
+        assert kernel in ("cpu", "native", "native_bf16")
     lin = Int4Linear(q, scale, zero, 32, b, HALF, DEV.torch_device, input_repeat=repeat, kernel=kernel,
                      inner_k_tiles=tiles)
     s_r, z_r = scale.to(HALF).float(), zero.to(HALF).float()

@@ -89,7 +89,7 @@ def test_int4_linear_matches_dequantized_matmul(dtype, n_out, kernel):
 def test_int4_kernel_choice_per_device(monkeypatch):
     from edge_rt.loading.weights import int4_kernel_for
 
-    assert int4_kernel_for(torch.device("cpu"), torch.bfloat16, 576)[0] in ("cpu", "native")
+    assert int4_kernel_for(torch.device("cpu"), torch.bfloat16, 576)[0] in ("cpu", "native", "native_bf16")
     assert int4_kernel_for(torch.device("mps"), torch.float16, 576)[0] == "dense"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     cuda = torch.device("cuda", 0)
@@ -101,26 +101,29 @@ def test_int4_kernel_choice_per_device(monkeypatch):
     assert int4_kernel_for(cuda, torch.bfloat16, 1536)[0] == "dense"
 
 
-def _native_int4_or_skip():
+def _native_int4_or_skip(variant="native"):
     from edge_rt.models import native_kernels
-    from edge_rt.native import enabled, simd_level
+    from edge_rt.native import enabled, has_avx512_bf16, simd_level
 
     if not enabled() or simd_level() != "avx2":
         pytest.skip("the native int4 kernel needs AVX2 + FMA and EDGE_RT_NATIVE unset")
-    assert native_kernels.int4_available(), "the native int4 kernel failed to build"
+    if variant == "native_bf16" and not has_avx512_bf16():
+        pytest.skip("the native_bf16 int4 kernel needs AVX-512 BF16")
+    assert native_kernels.int4_available(variant), "the native int4 kernel failed to build"
 
 
+@pytest.mark.parametrize("variant", ["native", "native_bf16"])
 @pytest.mark.parametrize("n_out,K,repeat", [(64, 96, 1), (40, 64, 1), (77, 160, 1), (48, 64, 2), (1024, 576, 1)])
-def test_native_int4_matches_dequantized_matmul_and_is_row_invariant(n_out, K, repeat):
-    """The native kernel against the fp32 dequantized product, and every row of a T-row call
+def test_native_int4_matches_dequantized_matmul_and_is_row_invariant(n_out, K, repeat, variant):
+    """The native kernels against the fp32 dequantized product, and every row of a T-row call
     bit-identical to the same row alone (what an exact speculative verify chunk relies on)."""
-    _native_int4_or_skip()
+    _native_int4_or_skip(variant)
     g = torch.Generator().manual_seed(n_out + K)
     q = torch.randint(0, 16, (n_out, K * repeat), generator=g, dtype=torch.uint8)
     scale = torch.rand(n_out, K * repeat // 32, generator=g) * 0.05
     zero = torch.randn(n_out, K * repeat // 32, generator=g) * 0.05
     lin = Int4Linear(q, scale, zero, 32, None, torch.bfloat16, torch.device("cpu"), input_repeat=repeat,
-                     kernel="native")
+                     kernel=variant)
     w = dequantize_int4(q, scale.bfloat16().float(), zero.bfloat16().float(), 32)
     w = sum(w[:, i * K:(i + 1) * K] for i in range(repeat))
     x = torch.randn(1, 11, K, generator=g).bfloat16()
@@ -129,7 +132,7 @@ def test_native_int4_matches_dequantized_matmul_and_is_row_invariant(n_out, K, r
     assert out.shape == (1, 11, n_out) and out.dtype == torch.bfloat16
     # bf16 output: one rounding of the fp32 sum (8 bits), plus fp32 summation noise
     assert torch.allclose(out.float(), ref, atol=1e-5 * ref.abs().max(), rtol=2 ** -8)
-    for T in (1, 2, 3, 4, 5, 8, 9, 11):
+    for T in (1, 2, 3, 4, 5, 6, 7, 8, 9, 11):
         rows = lin(x[:, :T])
         assert torch.equal(rows, torch.cat([lin(x[:, t:t + 1]) for t in range(T)], dim=1)), T
         assert torch.equal(rows, out[:, :T])
@@ -147,22 +150,34 @@ def test_native_int4_rejects_a_width_it_cannot_take():
                    torch.float32, torch.device("cpu"), kernel="native")
 
 
-def test_int4_kernel_policy_follows_pytorchs_cpu_level(monkeypatch):
-    """native where PyTorch's kernels run at AVX2 level, PyTorch's where they run AVX-512;
-    EDGE_RT_INT4_KERNEL overrides; a bad value is a one-line error."""
+def test_int4_kernel_policy_follows_the_cpu(monkeypatch):
+    """native_bf16 where the CPU has AVX-512 BF16; else native where PyTorch's kernels run at AVX2
+    level, PyTorch's where they run AVX-512; EDGE_RT_INT4_KERNEL overrides; a bad value is a
+    one-line error."""
+    import edge_rt.native as native
     from edge_rt.loading.weights import int4_kernel_for
     from edge_rt.models import native_kernels
 
     cpu = torch.device("cpu")
-    native = "native" if native_kernels.int4_available() else "cpu"
+    has = native_kernels.int4_available()
+    native_or_cpu = "native" if has else "cpu"
+    monkeypatch.setattr(native, "has_avx512_bf16", lambda: has)
+    assert int4_kernel_for(cpu, torch.bfloat16, 576) == ("native_bf16" if has else "cpu", 8)
+    monkeypatch.setenv("EDGE_RT_INT4_KERNEL", "native")
+    assert int4_kernel_for(cpu, torch.bfloat16, 576) == (native_or_cpu, 8)
+    monkeypatch.delenv("EDGE_RT_INT4_KERNEL")
+    monkeypatch.setattr(native, "has_avx512_bf16", lambda: False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert int4_kernel_for(cpu, torch.bfloat16, 576) == (native, 8)
-    assert int4_kernel_for(cpu, torch.float32, 576) == ("cpu", 8)  # the native kernel takes bf16 only
+    assert int4_kernel_for(cpu, torch.bfloat16, 576) == (native_or_cpu, 8)
+    assert int4_kernel_for(cpu, torch.float32, 576) == ("cpu", 8)  # the native kernels take bf16 only
     assert int4_kernel_for(cpu, torch.bfloat16, 48) == ("cpu", 8)  # nor widths off 32
+    monkeypatch.setenv("EDGE_RT_INT4_KERNEL", "native_bf16")  # not on this CPU: the next one down
+    assert int4_kernel_for(cpu, torch.bfloat16, 576) == (native_or_cpu, 8)
+    monkeypatch.delenv("EDGE_RT_INT4_KERNEL")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert int4_kernel_for(cpu, torch.bfloat16, 576) == ("cpu", 8)
     monkeypatch.setenv("EDGE_RT_INT4_KERNEL", "native")
-    assert int4_kernel_for(cpu, torch.bfloat16, 576) == (native, 8)
+    assert int4_kernel_for(cpu, torch.bfloat16, 576) == (native_or_cpu, 8)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     monkeypatch.setenv("EDGE_RT_INT4_KERNEL", "pytorch")
     assert int4_kernel_for(cpu, torch.bfloat16, 576) == ("cpu", 8)

@@ -130,6 +130,11 @@ def test_chat_session_reuses_cache_and_matches_full_prefill(llm):
 
 
 def test_seeded_sampling_reproducible(llm):
+    """Same seed, same state: the same tokens. (A second call that reuses the cached prompt re-runs
+    its last token alone, which moves logits by float rounding, up to ~0.25 here with either int4
+    kernel, and can change a sampled token.)"""
+    llm.reset()
     a = llm.generate("Once upon a time", max_tokens=16, temperature=0.8, top_p=0.95, seed=11)
+    llm.reset()
     b = llm.generate("Once upon a time", max_tokens=16, temperature=0.8, top_p=0.95, seed=11)
     assert a.token_ids == b.token_ids and len(a.token_ids) == 16

@@ -21,14 +21,14 @@ from edge_rt.generation.sampling import Sampler, SamplingParams
 from edge_rt.generation.speculative import DraftController, SpeculativeConfig, _walk
 
 
-@pytest.fixture(scope="module", params=["pytorch", "native"])
+@pytest.fixture(scope="module", params=["pytorch", "native", "native_bf16"])
 def tiny(request, tmp_path_factory):
-    """A tiny Q8_0 model on each CPU int4 kernel: PyTorch's, and edge-rt's own (models/int4_matmul.c,
-    skipped where it cannot run)."""
+    """A tiny Q8_0 model on each CPU int4 kernel: PyTorch's, and edge-rt's own two
+    (models/int4_matmul.c; each skipped where this CPU cannot run it)."""
     from edge_rt.models import native_kernels
 
-    if request.param == "native" and not native_kernels.int4_available():
-        pytest.skip("the native int4 kernel needs AVX2 + FMA and a C compiler")
+    if request.param != "pytorch" and not native_kernels.int4_available(request.param):
+        pytest.skip(f"the {request.param} int4 kernel cannot run here (AVX2 + FMA, AVX-512 BF16, a C compiler)")
     path = write_tiny_gguf(tmp_path_factory.mktemp("spec") / "tiny.gguf", qtype="Q8_0")
     old = os.environ.get("EDGE_RT_INT4_KERNEL")
     os.environ["EDGE_RT_INT4_KERNEL"] = request.param
@@ -39,7 +39,7 @@ def tiny(request, tmp_path_factory):
             del os.environ["EDGE_RT_INT4_KERNEL"]
         else:
             os.environ["EDGE_RT_INT4_KERNEL"] = old
-    assert llm.backend.model.lm_head.kernel == ("native" if request.param == "native" else "cpu")
+    assert llm.backend.model.lm_head.kernel == {"pytorch": "cpu"}.get(request.param, request.param)
     return llm
 
 
@@ -117,7 +117,7 @@ def test_lazy_verify_rows_equal_the_full_chunk_and_skip_the_second_block(tiny):
     the full verify's, and a walk that stops in the first block never runs the second."""
     be = tiny.backend
     # PyTorch's int4 CPU kernel reads the weights once per 4 rows; the native one once per call
-    block = {"cpu": 4, "native": None}[be.model.lm_head.kernel]
+    block = {"cpu": 4, "native": None, "native_bf16": None}[be.model.lm_head.kernel]
     assert be.head_block == block
     ids = _prompts(1)[0]
     be.reset()

@@ -31,19 +31,22 @@ def _check_shape(target: str, got: tuple, want: tuple) -> None:
         raise ModelFormatError(f"tensor for {target} has shape {tuple(got)}, the config implies {tuple(want)}")
 
 
-INT4_KERNELS = ("auto", "native", "pytorch")
+INT4_KERNELS = ("auto", "native", "native_bf16", "pytorch")
 
 
 def int4_kernel_for(device: torch.device, dtype: torch.dtype, in_features: int) -> tuple[str, int]:
-    """Which packed int4 kernel runs here: ("native" | "cpu" | "cuda" | "dense", CUDA inner_k_tiles).
+    """Which packed int4 kernel runs here: ("native_bf16" | "native" | "cpu" | "cuda" | "dense",
+    CUDA inner_k_tiles).
 
-    CPU, bf16: edge-rt's own kernel ("native", models/int4_matmul.c, AVX2 + FMA) where PyTorch's
-    CPU kernels run at AVX2 level, PyTorch's _weight_int4pack_mm_for_cpu ("cpu") where they run
-    AVX-512 (measured on one CPU both ways, docs/BENCHMARKS.md: native 1.4x faster than PyTorch's
-    AVX2 kernel, 0.87x its AVX-512 one). $EDGE_RT_INT4_KERNEL=native|pytorch overrides the choice.
-    CPU, other dtypes: "cpu". CUDA: tinygemm's _weight_int4pack_mm, bf16 inputs only, compute
-    capability 8.0+, K a multiple of 16 * inner_k_tiles. Anything else (MPS, older GPUs, fp16 on
-    CUDA) runs a dequantized weight.
+    CPU, bf16: edge-rt's own kernels (models/int4_matmul.c): "native_bf16" where the CPU has
+    AVX-512 BF16, else "native" (AVX2 + FMA) where PyTorch's CPU kernels run at AVX2 level, else
+    PyTorch's _weight_int4pack_mm_for_cpu ("cpu"). Measured on one CPU (docs/BENCHMARKS.md):
+    native_bf16 0.94x PyTorch's AVX-512 kernel's time for a decode step and 0.74x for an 8-token
+    verify; native 0.70x PyTorch's AVX2 kernel's but 1.09x its AVX-512 one's.
+    $EDGE_RT_INT4_KERNEL=native_bf16|native|pytorch overrides the choice (a kernel the CPU cannot
+    run falls through to the next). CPU, other dtypes: "cpu". CUDA: tinygemm's _weight_int4pack_mm,
+    bf16 inputs only, compute capability 8.0+, K a multiple of 16 * inner_k_tiles. Anything else
+    (MPS, older GPUs, fp16 on CUDA) runs a dequantized weight.
     """
     choice = os.environ.get("EDGE_RT_INT4_KERNEL", "auto").strip().lower() or "auto"
     if choice not in INT4_KERNELS:
@@ -51,6 +54,8 @@ def int4_kernel_for(device: torch.device, dtype: torch.dtype, in_features: int) 
     if device.type == "cpu" and dtype == torch.bfloat16 and in_features % 32 == 0 and choice != "pytorch":
         from edge_rt.models.native_kernels import int4_available
 
+        if choice in ("auto", "native_bf16") and int4_available("native_bf16"):
+            return "native_bf16", 8
         if (choice == "native" or torch.backends.cpu.get_cpu_capability() == "AVX2") and int4_available():
             return "native", 8
     if device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):

@@ -138,29 +138,34 @@ static int64_t attention(const float *q, int64_t q_sb, int64_t q_st, int64_t q_s
                           const float *k, const float *v, int64_t kv_sb, int64_t kv_sh,
                           float *out, int64_t o_sb, int64_t o_st, int64_t o_sh,
                           int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, int64_t S, float scale) {
-    float *buf = malloc(sizeof(float) * (size_t)((S + 7) & ~(int64_t)7));
-    if (!buf) return -1;
-    if (hd % 8 || hd > 512) {
-        free(buf);
-        return -2;
-    }
-    int64_t group = H / Hkv;
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t h = 0; h < H; h++) {
+    if (hd % 8 || hd > 512) return -2;
+    const int64_t group = H / Hkv, total = B * H * T;
+    int64_t failed = 0;
+    /* queries split between threads (each its own scores buffer); every query is computed alone,
+     * so the split does not change its bits */
+#pragma omp parallel if (total * S * hd >= 65536)
+    {
+        float *buf = malloc(sizeof(float) * (size_t)((S + 7) & ~(int64_t)7));
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < total; i++) {
+            if (!buf) {
+#pragma omp atomic write
+                failed = 1;
+                continue;
+            }
+            const int64_t b = i / (H * T), h = (i / T) % H, t = i % T;
             const float *kh = k + b * kv_sb + (h / group) * kv_sh;
             const float *vh = v + b * kv_sb + (h / group) * kv_sh;
-            for (int64_t t = 0; t < T; t++)
-            {
-                const float *qt = q + b * q_sb + t * q_st + h * q_sh;
-                float *ot = out + b * o_sb + t * o_st + h * o_sh;
-                if (hd == 64)
-                    attend_64(qt, kh, vh, S - T + t + 1, scale, buf, ot);
-                else
-                    attend_any(qt, kh, vh, S - T + t + 1, hd, scale, buf, ot);
-            }
+            const float *qt = q + b * q_sb + t * q_st + h * q_sh;
+            float *ot = out + b * o_sb + t * o_st + h * o_sh;
+            if (hd == 64)
+                attend_64(qt, kh, vh, S - T + t + 1, scale, buf, ot);
+            else
+                attend_any(qt, kh, vh, S - T + t + 1, hd, scale, buf, ot);
         }
-    free(buf);
-    return 0;
+        free(buf);
+    }
+    return failed ? -1 : 0;
 }
 
 int64_t edge_rt_attention(const float *q, int64_t q_sb, int64_t q_st, int64_t q_sh,
@@ -240,6 +245,7 @@ int64_t edge_rt_rope_attention(const void *qkv, int64_t qkv_bf16, int64_t qkv_sb
 int64_t edge_rt_add_rms_norm(const float *x, const void *y, int64_t y_bf16, const float *w, float eps,
                              float *h, void *out, int64_t out_bf16, int64_t rows, int64_t d) {
     if (d % 8) return -2;
+#pragma omp parallel for schedule(static) if (rows > 1 && rows * d >= 2048)
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * d;
         const float *hr = y ? h + r * d : xr;
@@ -280,10 +286,14 @@ int64_t edge_rt_add_rms_norm(const float *x, const void *y, int64_t y_bf16, cons
  * last token is re-run alone (these kernels, prefix reuse) within float rounding of each other. */
 int64_t edge_rt_silu_mul_bf16(const uint16_t *gu, int64_t rows, int64_t n, uint16_t *out) {
     if (n % 8) return -2;
-    for (int64_t r = 0; r < rows; r++) {
+    const int64_t per_row = n / 8;
+    /* blocks of 8 split between threads; each element's arithmetic is the same wherever it runs */
+#pragma omp parallel for schedule(static) if (rows * n >= 4096)
+    for (int64_t blk = 0; blk < rows * per_row; blk++) {
+        const int64_t r = blk / per_row, i = (blk % per_row) * 8;
         const uint16_t *g = gu + r * 2 * n, *u = g + n;
         uint16_t *o = out + r * n;
-        for (int64_t i = 0; i < n; i += 8) {
+        {
             v8 gv, uv;
             for (int j = 0; j < 8; j++) {
                 gv[j] = bf16_to_float(g[i + j]);

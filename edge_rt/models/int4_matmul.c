@@ -172,3 +172,142 @@ int64_t edge_rt_int4_matmul(const uint8_t *codes, const uint16_t *sz, const void
     free(xf);
     return 0;
 }
+
+/* ---- AVX-512 BF16 variant (edge_rt_int4_matmul_bf16) -------------------------------------------
+ * For CPUs with AVX-512 BF16 (vdpbf16ps: 16 lanes, each adding two bf16 products to an fp32
+ * accumulator). x must be bf16; a weight enters as the bf16 number 128 + q (bits 0x4300 | q, exact),
+ * so per group
+ *     y[t, n] += s[n, g] * a[t, n, g] + (z[n, g] - 136 s[n, g]) * X[t, g],
+ *     a[t, n, g] = sum over the 16 k-pairs of the group of vdpbf16ps((128 + q) pairs, x pairs),
+ * one chain per (t, n) in k order, so rows stay invariant as above.
+ * Layout: codes [N / 16, K / 2, 16] bytes, byte j of unit u at pair p holding q[16 u + j, 2 p]
+ * (low nibble) and q[16 u + j, 2 p + 1] (high nibble); sz as above.
+ */
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
+
+#define TILE16(UB, TB)                                                                                    \
+    static void t16_##UB##_##TB(const uint8_t *codes, const uint16_t *sz, int64_t K, int64_t G,           \
+                                const uint16_t *x, const float *xs, float *y) {                           \
+        __m512 tot[TB][UB];                                                                               \
+        _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                             \
+            _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) tot[t][u] = _mm512_setzero_ps();        \
+        const __m512i lowmask = _mm512_set1_epi32(0x000F000F), bias = _mm512_set1_epi32(0x43004300);     \
+        for (int64_t g = 0; g < G; g++) {                                                                 \
+            __m512 a[TB][UB];                                                                             \
+            _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                         \
+                _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) a[t][u] = _mm512_setzero_ps();      \
+            for (int64_t p = g * 16; p < g * 16 + 16; p++) {                                              \
+                __m512i b[TB];                                                                            \
+                _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) {                                   \
+                    uint32_t pair;                                                                        \
+                    memcpy(&pair, x + t * K + 2 * p, 4);                                                  \
+                    b[t] = _mm512_set1_epi32((int)pair);                                                  \
+                }                                                                                         \
+                _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) {                                   \
+                    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + (u * (K / 2) + p) * 16))); \
+                    /* (d | d << 12) & 0x000F000F | 0x43004300: both nibbles as bf16 128 + q */           \
+                    const __m512i w = _mm512_or_si512(_mm512_and_si512(_mm512_or_si512(d, _mm512_slli_epi32(d, 12)), lowmask), bias); \
+                    _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                 \
+                        a[t][u] = _mm512_dpbf16_ps(a[t][u], (__m512bh)w, (__m512bh)b[t]);                 \
+                }                                                                                         \
+            }                                                                                             \
+            _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) {                                       \
+                const uint16_t *q = sz + (u * G + g) * 32;                                                \
+                const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)q)), 16)); \
+                const __m512 z0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(q + 16))), 16)); \
+                const __m512 z = _mm512_fmadd_ps(s, _mm512_set1_ps(-136.0f), z0);                          \
+                _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) {                                   \
+                    __m512 r = _mm512_fmadd_ps(s, a[t][u], tot[t][u]);                                    \
+                    tot[t][u] = _mm512_fmadd_ps(z, _mm512_set1_ps(xs[t * G + g]), r);                     \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                             \
+            _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) _mm512_storeu_ps(y + t * 16 * UB + 16 * u, tot[t][u]); \
+    }
+
+TILE16(8, 1) TILE16(4, 1) TILE16(2, 1) TILE16(1, 1)
+TILE16(4, 2) TILE16(2, 2) TILE16(1, 2)
+TILE16(2, 3) TILE16(1, 3)
+TILE16(2, 4) TILE16(1, 4)
+TILE16(2, 5) TILE16(1, 5)
+TILE16(2, 6) TILE16(1, 6)
+TILE16(1, 7)
+TILE16(1, 8)
+
+typedef void (*tile16_fn)(const uint8_t *, const uint16_t *, int64_t, int64_t, const uint16_t *, const float *, float *);
+
+/* [tb][log2 units]: the widest tile first, then halves for the remaining units */
+static const tile16_fn tiles16[9][4] = {
+    {NULL, NULL, NULL, NULL},
+    {t16_1_1, t16_2_1, t16_4_1, t16_8_1},
+    {t16_1_2, t16_2_2, t16_4_2, NULL},
+    {t16_1_3, t16_2_3, NULL, NULL},
+    {t16_1_4, t16_2_4, NULL, NULL},
+    {t16_1_5, t16_2_5, NULL, NULL},
+    {t16_1_6, t16_2_6, NULL, NULL},
+    {t16_1_7, NULL, NULL, NULL},
+    {t16_1_8, NULL, NULL, NULL},
+};
+
+static void run_units16(int64_t tb, const uint8_t *codes, const uint16_t *sz, int64_t K, int64_t G, const uint16_t *x,
+                        const float *xs, int64_t u0, int64_t u1, void *y, int64_t y_bf16, int64_t ldy, int64_t N) {
+    float buf[8 * 128];
+    int lg = 3;
+    while (!tiles16[tb][lg]) lg--;
+    for (int64_t u = u0; u < u1;) {
+        while (lg > 0 && u + (1 << lg) > u1) lg--;
+        const int64_t nu = (int64_t)1 << lg;
+        tiles16[tb][lg](codes + u * (K / 2) * 16, sz + u * G * 32, K, G, x, xs, buf);
+        const int64_t w = 16 * nu, n0 = 16 * u, nn = n0 + w <= N ? w : N - n0;
+        for (int64_t t = 0; t < tb; t++)
+            for (int64_t j = 0; j < nn; j++) {
+                if (y_bf16)
+                    ((uint16_t *)y)[t * ldy + n0 + j] = float_to_bf16(buf[t * w + j]);
+                else
+                    ((float *)y)[t * ldy + n0 + j] = buf[t * w + j];
+            }
+        u += nu;
+    }
+}
+
+/* As edge_rt_int4_matmul with bf16 x (x_bf16 must be 1) and the bf16x2 codes layout. */
+int64_t edge_rt_int4_matmul_bf16(const uint8_t *codes, const uint16_t *sz, const void *x, int64_t x_bf16, int64_t ldx,
+                                 int64_t T, int64_t Kx, int64_t repeat, int64_t N, void *y, int64_t y_bf16,
+                                 int64_t ldy) {
+    const int64_t K = Kx * repeat;
+    if (K % 32 || T <= 0 || N <= 0 || !x_bf16) return -2;
+    const int64_t G = K / 32, units = (N + 15) / 16;
+    /* x rows repeated [T, K] bf16, and the group sums [T, G] in fp32 */
+    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(T * K) + sizeof(float) * (size_t)(T * G));
+    if (!xb) return -1;
+    float *xs = (float *)(xb + T * K);
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t r = 0; r < repeat; r++)
+            memcpy(xb + t * K + r * Kx, (const uint16_t *)x + t * ldx, sizeof(uint16_t) * (size_t)Kx);
+        for (int64_t g = 0; g < G; g++) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < 32; k++) s += bf16_to_float(xb[t * K + g * 32 + k]);
+            xs[t * G + g] = s;
+        }
+    }
+#pragma omp parallel if (units * K * (T < 4 ? T : 4) >= 32768)
+    {
+#ifdef _OPENMP
+        const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+        const int64_t nt = 1, id = 0;
+#endif
+        const int64_t u0 = units * id / nt, u1 = units * (id + 1) / nt;
+        for (int64_t t = 0; t < T;) {
+            const int64_t tb = T - t >= 8 ? 8 : T - t;
+            void *yt = y_bf16 ? (void *)((uint16_t *)y + t * ldy) : (void *)((float *)y + t * ldy);
+            run_units16(tb, codes, sz, K, G, xb + t * K, xs + t * G, u0, u1, yt, y_bf16, ldy, N);
+            t += tb;
+        }
+    }
+    free(xb);
+    return 0;
+}
+#pragma GCC pop_options

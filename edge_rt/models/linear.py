@@ -6,8 +6,9 @@ Models build every projection with `make_linear`; a loader then swaps a module f
 - int4 groups (`Int4Linear`): 4-bit codes with a scale and zero per group of 32 inputs,
   w = (q - 8) * scale + zero. GGUF Q4_0 (zero = 0) and Q4_1 (zero = m + 8 d) map onto it without
   re-quantizing; only scale and zero are rounded to the compute dtype. Kernels: edge-rt's own C
-  kernel for bf16 on CPU ("native", models/int4_matmul.c: weights read once per call whatever
-  the rows, each row computed as a one-row call computes it), PyTorch's packed int4 matmuls
+  kernels for bf16 on CPU ("native" with AVX2 + FMA, "native_bf16" with AVX-512 BF16;
+  models/int4_matmul.c: weights read once per call whatever the rows, each row computed as a
+  one-row call computes it), PyTorch's packed int4 matmuls
   (`_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm` on CUDA), or a dense weight where
   none exists (MPS).
 """
@@ -45,7 +46,7 @@ class Int4Linear(nn.Module):
             bias: [N] or None.
             input_repeat: the input is concatenated this many times before the product (2 for
                 int8 weights split into two 4-bit halves, see loading.quants.int8_as_int4).
-            kernel: "native" (edge-rt's C kernel, bf16 on CPU), "cpu" / "cuda" (PyTorch's packed
+            kernel: "native" / "native_bf16" (edge-rt's C kernels, bf16 on CPU), "cpu" / "cuda" (PyTorch's packed
                 int4 matmuls) or "dense" (dequantized weight); the loader chooses it for the device
                 (loading.weights.int4_kernel_for).
             inner_k_tiles: the CUDA kernel's K tiling (K must be a multiple of 16 * it).
@@ -59,11 +60,11 @@ class Int4Linear(nn.Module):
         if self.kernel == "dense":
             w = dequantize_int4(q, scale, zero, group_size).to(device=device, dtype=dtype)
             self.register_buffer("weight", w)
-        elif self.kernel == "native":
+        elif self.kernel in ("native", "native_bf16"):
             if group_size != 32 or dtype != torch.bfloat16 or device.type != "cpu":
                 raise ValueError("the native int4 kernel takes 32-wide groups and bf16 on CPU")
             self.padded_out = 0
-            codes, sz = pack_native(q, scale, zero, dtype)
+            codes, sz = pack_native(q, scale, zero, dtype, self.kernel)
             self.register_buffer("codes", codes)
             self.register_buffer("scales_and_zeros", sz)
         else:
@@ -78,10 +79,10 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.to(device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "native":
+        if self.kernel in ("native", "native_bf16"):
             from edge_rt.models.native_kernels import int4_matmul
 
-            y = int4_matmul(x, self.codes, self.scales_and_zeros, self.out_features, self.input_repeat)
+            y = int4_matmul(x, self.codes, self.scales_and_zeros, self.out_features, self.input_repeat, self.kernel)
             return y if self.bias is None else y + self.bias
         if self.input_repeat > 1:
             x = torch.cat([x] * self.input_repeat, dim=-1)
@@ -139,20 +140,25 @@ def pack_int4(q: torch.Tensor, device: torch.device, kernel: str, inner_k_tiles:
     return torch.ops.aten._convert_weight_to_int4pack(q8.contiguous(), inner_k_tiles)
 
 
-def pack_native(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_native(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype,
+                variant: str = "native") -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] codes 0..15 and [N, K / 32] scales and zeros -> models/int4_matmul.c's layout:
-    codes [N / 16, K, 8] bytes (byte j of a 16-output unit: output j's code in the low nibble,
-    output 8 + j's in the high one) and [N / 16, K / 32, 2, 16] scales and zeros in `dtype`;
-    N is padded to a multiple of 16 with zero weights."""
+    codes [N / 16, K, 8] bytes for "native" (byte j of a 16-output unit: output j's code in the
+    low nibble, output 8 + j's in the high one), [N / 16, K / 2, 16] for "native_bf16" (byte j:
+    output j's codes at inputs 2p and 2p + 1), and [N / 16, K / 32, 2, 16] scales and zeros in
+    `dtype`; N is padded to a multiple of 16 with zero weights."""
     N, K = q.shape
     pad = -N % 16
     if pad:
         q = torch.cat([q, q.new_full((pad, K), 8)])
         scale, zero = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scale, zero))
     U, G = (N + pad) // 16, K // 32
-    g = q.to(torch.uint8).view(U, 2, 8, K)
-    codes = (g[:, 0] | (g[:, 1] << 4)).permute(0, 2, 1).contiguous()  # [U, K, 8]
+    if variant == "native_bf16":
+        g = q.to(torch.uint8).view(U, 16, K // 2, 2)
+        codes = (g[..., 0] | (g[..., 1] << 4)).permute(0, 2, 1).contiguous()  # [U, K / 2, 16]
+    else:
+        g = q.to(torch.uint8).view(U, 2, 8, K)
+        codes = (g[:, 0] | (g[:, 1] << 4)).permute(0, 2, 1).contiguous()  # [U, K, 8]
     sz = torch.stack([t.to(dtype).view(U, 16, G).permute(0, 2, 1) for t in (scale, zero)], dim=2)  # [U, G, 2, 16]
     return codes, sz.contiguous()
 

@@ -33,7 +33,7 @@ INT4_SOURCE = Path(__file__).with_name("int4_matmul.c")
 @functools.lru_cache(maxsize=None)
 def _kernel():
     lib = load_library(SOURCE, "decode-step kernels fall back to PyTorch (slower decoding and verify)",
-                       simd="avx2")
+                       simd="avx2", openmp=True)
     if lib is None:
         return None
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -60,17 +60,22 @@ def _int4_kernel():
     if lib is None:
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.edge_rt_int4_matmul.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, p, i64, i64]
-    lib.edge_rt_int4_matmul.restype = i64
+    for fn in (lib.edge_rt_int4_matmul, lib.edge_rt_int4_matmul_bf16):
+        fn.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, p, i64, i64]
+        fn.restype = i64
     return lib
 
 
-def int4_available() -> bool:
-    """Whether `int4_matmul` runs here: x86-64 with AVX2 and FMA, and the kernel built."""
-    return _int4_kernel() is not None
+def int4_available(variant: str = "native") -> bool:
+    """Whether `int4_matmul` runs here: x86-64 with AVX2 and FMA, and the kernel built;
+    variant "native_bf16" also needs AVX-512 BF16."""
+    from edge_rt.native import has_avx512_bf16
+
+    return _int4_kernel() is not None and (variant == "native" or has_avx512_bf16())
 
 
-def int4_matmul(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, n_out: int, repeat: int = 1) -> torch.Tensor:
+def int4_matmul(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, n_out: int, repeat: int = 1,
+                variant: str = "native") -> torch.Tensor:
     """x @ w.T for int4 weights in models/int4_matmul.c's layout (see linear.pack_native).
 
     Args:
@@ -78,6 +83,8 @@ def int4_matmul(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, n_out: i
         codes, sz: from linear.pack_native (K = Kx * repeat).
         n_out: N, the outputs (codes hold them padded to a multiple of 16).
         repeat: the input is read `repeat` times along K (int8 weights as two 4-bit halves).
+        variant: "native" (AVX2 + FMA, fp32 products) or "native_bf16" (AVX-512 BF16 dot
+            products); the codes must be packed for it (pack_native's `variant`).
     Returns:
         [..., N] bf16, each row computed exactly as a one-row call computes it.
     """
@@ -86,7 +93,9 @@ def int4_matmul(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, n_out: i
     if x2.stride(-1) != 1 or x2.dtype != torch.bfloat16:
         x2 = x2.to(torch.bfloat16).contiguous()
     y = torch.empty(x2.shape[0], N, dtype=torch.bfloat16)
-    _check(_int4_kernel().edge_rt_int4_matmul(codes.data_ptr(), sz.data_ptr(), x2.data_ptr(), 1, x2.stride(0),
+    lib = _int4_kernel()
+    fn = lib.edge_rt_int4_matmul_bf16 if variant == "native_bf16" else lib.edge_rt_int4_matmul
+    _check(fn(codes.data_ptr(), sz.data_ptr(), x2.data_ptr(), 1, x2.stride(0),
                                               x2.shape[0], Kx, repeat, N, y.data_ptr(), 1, N),
            f"int4 matmul ({N} x {Kx * repeat})", "an input width that is a multiple of 32")
     return y.view(*x.shape[:-1], N)
