@@ -15,6 +15,10 @@
  * Summation orders are fixed: dot products and the weighted sum run over 8-lane vectors with a
  * fixed horizontal reduction; the softmax denominator accumulates key s in lane s % 8. exp is a
  * polynomial (Cephes expf's, about 1 ulp) so the result does not depend on the C library.
+ *
+ * Threads: OpenMP splits queries (attention), rows (add + RMSNorm) or 8-element blocks (SwiGLU
+ * gate) between threads; each item is computed alone, so the split does not change any bits. Built
+ * with -fopenmp and loaded after torch, the library uses torch's libgomp and its thread pool.
  */
 #include <math.h>
 #include <stdint.h>

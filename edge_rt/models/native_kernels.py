@@ -4,8 +4,12 @@
   (query t sees positions 0..start+t), in one call; `attention` is the same without rope and cache.
 - `add_rms_norm`: the residual add and the RMSNorm after it.
 - `silu_mul`: SwiGLU's gate, silu(g) * u, rounded as PyTorch's bf16 ops round.
-- `int4_matmul` (edge_rt/models/int4_matmul.c, AVX2 + FMA, OpenMP): int4 group-quantized matrix
-  products for Int4Linear's "native" kernel; the weights are read once per call whatever the rows.
+- `int4_matmul` (edge_rt/models/int4_matmul.c): int4 group-quantized matrix products for
+  Int4Linear's "native" (AVX2 + FMA) and "native_bf16" (AVX-512 BF16) kernels; the weights are
+  read once per call whatever the rows.
+
+All run on OpenMP threads (queries, rows or outputs split between them; the split never changes a
+result's bits); the libraries bind to torch's own libgomp, so they share PyTorch's thread pool.
 
 Every kernel computes a row exactly as a one-row call computes it, so a T-token speculative verify
 chunk is bit-identical to T one-token steps without T separate attention calls (the per-query SDPA
