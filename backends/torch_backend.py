@@ -23,10 +23,11 @@ def batch_invariant(model: Transformer) -> bool:
     gemm). edge-rt's own int4 kernel ("native", models/int4_matmul.c) is row-invariant by
     construction (tests/test_quants.py).
     """
-    from edge_rt.models.linear import Int4Linear
+    from edge_rt.models.linear import Int4Linear, Int8Linear
 
-    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int4Linear))]
-    return bool(linears) and all(isinstance(m, Int4Linear) and m.kernel in ("cpu", "cuda", "native", "native_bf16")
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int4Linear, Int8Linear))]
+    return bool(linears) and all(isinstance(m, (Int4Linear, Int8Linear))
+                                 and m.kernel in ("cpu", "cuda", "native", "native_bf16")
                                  for m in linears)
 
 

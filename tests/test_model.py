@@ -234,7 +234,7 @@ def test_estimate_matches_loaded_bytes(smollm2_path):
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             loaded += t.numel() * t.element_size()
-    est = weight_bytes(src.tensors, src.args, torch.bfloat16)
+    est = weight_bytes(src.tensors, src.args, torch.bfloat16, device=CPU)
     assert abs(est - loaded) <= 0.01 * loaded, (est, loaded)
     assert src.args.num_parameters() == pytest.approx(134.5e6, rel=0.01)
 

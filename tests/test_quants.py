@@ -184,3 +184,26 @@ def test_int4_kernel_policy_follows_the_cpu(monkeypatch):
     monkeypatch.setenv("EDGE_RT_INT4_KERNEL", "fast")
     with pytest.raises(ValueError, match="EDGE_RT_INT4_KERNEL='fast'"):
         int4_kernel_for(cpu, torch.bfloat16, 576)
+
+
+@pytest.mark.parametrize("n_out,K", [(40, 64), (77, 160), (1024, 576)])
+def test_int8_linear_matches_q8_0_dequantized_and_is_row_invariant(n_out, K):
+    """Int8Linear (GGUF Q8_0 on the AVX-512 BF16 kernel) against d * q in fp32, row-invariant."""
+    _native_int4_or_skip("native_bf16")
+    from edge_rt.models.linear import Int8Linear
+
+    g = torch.Generator().manual_seed(n_out)
+    q = torch.randint(-128, 128, (n_out, K), generator=g).to(torch.int8)
+    d = torch.rand(n_out, K // 32, generator=g) * 0.01
+    lin = Int8Linear(q, d, None, torch.bfloat16, torch.device("cpu"))
+    w = q.float() * d.bfloat16().float().repeat_interleave(32, dim=1)
+    x = torch.randn(2, 6, K, generator=g).bfloat16()
+    ref = x.float() @ w.t()
+    out = lin(x)
+    assert out.shape == (2, 6, n_out) and out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref, atol=1e-5 * ref.abs().max(), rtol=2 ** -8)
+    rows = x.reshape(12, K)
+    for T in (1, 2, 3, 5, 8, 9, 12):
+        assert torch.equal(lin(rows[:T]), torch.cat([lin(rows[t:t + 1]) for t in range(T)])), T
+    with pytest.raises(ValueError, match="32-wide groups"):
+        Int8Linear(q[:, :48], d[:, :1], None, torch.bfloat16, torch.device("cpu"))

@@ -15,7 +15,7 @@ from torch import nn
 
 from edge_rt.errors import ModelFormatError
 from edge_rt.loading.quants import int8_as_int4
-from edge_rt.models.linear import Int4Linear, Int8Embedding, swap_linear
+from edge_rt.models.linear import Int4Linear, Int8Embedding, Int8Linear, swap_linear
 from edge_rt.models.llama import ModelArgs, Transformer, rope_table
 
 INT4_GROUP = 32
@@ -81,6 +81,8 @@ def _linear(target, srcs, bias, want, use_int4, dtype, device) -> nn.Module:
             q8, d = (torch.cat(x) for x in zip(*split8))
             _check_shape(target, q8.shape, want)
             kernel, tiles = int4_kernel_for(device, dtype, 2 * q8.shape[1])
+            if kernel == "native_bf16":
+                return Int8Linear(q8, d, bias, dtype, device)
             return Int4Linear(*int8_as_int4(q8, d), INT4_GROUP, bias, dtype, device, input_repeat=2,
                               kernel=kernel, inner_k_tiles=tiles)
     w = torch.cat([s.dense() for s in srcs])

@@ -35,7 +35,8 @@ def linear_bytes(srcs, dtype: torch.dtype, quantized: bool, device: torch.device
     """Bytes of one (possibly fused) linear weight once loaded on `device`.
 
     Where no packed int4 kernel runs (MPS, fp16 or pre-Ampere CUDA) an Int4Linear holds its weight
-    dequantized in `dtype`; a Q8_0 weight then has the two 4-bit halves' width (2 K).
+    dequantized in `dtype`; a Q8_0 weight then has the two 4-bit halves' width (2 K). With the
+    AVX-512 BF16 kernel a Q8_0 weight stays int8 (Int8Linear); elsewhere it is two 4-bit halves.
     """
     N = sum(int(s.shape[0]) for s in srcs)
     K = int(srcs[0].shape[1])
@@ -45,8 +46,11 @@ def linear_bytes(srcs, dtype: torch.dtype, quantized: bool, device: torch.device
             return N * K * _elt(dtype)
         return N * K // 2 + 2 * (N * K // INT4_GROUP) * _elt(dtype)
     if packed and all(s.qtype == QT.Q8_0 for s in srcs):
-        if _kernel(device, dtype, 2 * K) == "dense":
+        kernel = _kernel(device, dtype, 2 * K)
+        if kernel == "dense":
             return 2 * N * K * _elt(dtype)
+        if kernel == "native_bf16":  # Int8Linear: the int8 codes and one scale per group
+            return N * K + (N * K // INT4_GROUP) * _elt(dtype)
         return N * K + 2 * (2 * N * K // INT4_GROUP) * _elt(dtype)  # two 4-bit halves
     return N * K * _elt(dtype)
 

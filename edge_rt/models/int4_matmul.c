@@ -50,6 +50,19 @@ static inline __m256 load_bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
+/* Rows 0..tb of a tile's fp32 results buf [tb, w] into y at outputs n0.., bf16 or fp32, skipping padding. */
+static void store_rows(const float *buf, int64_t tb, int64_t w, int64_t n0, void *y, int64_t y_bf16, int64_t ldy,
+                       int64_t N) {
+    const int64_t nn = n0 + w <= N ? w : N - n0;
+    for (int64_t t = 0; t < tb; t++)
+        for (int64_t j = 0; j < nn; j++) {
+            if (y_bf16)
+                ((uint16_t *)y)[t * ldy + n0 + j] = float_to_bf16(buf[t * w + j]);
+            else
+                ((float *)y)[t * ldy + n0 + j] = buf[t * w + j];
+        }
+}
+
 /* A tile of U units (2 U output vectors of 8) by TB rows. codes/sz point at the first unit;
  * x [TB, K] fp32, xs [TB, G] group sums; y gets [TB, 16 U] results (fp32, row stride 16 U). */
 #define TILE(U, TB)                                                                                       \
@@ -116,14 +129,7 @@ static void run_units(int64_t tb, const uint8_t *codes, const uint16_t *sz, int6
             f = nu == 2 ? tile_2_1 : narrow[tb];
         }
         f(codes + u * K * 8, sz + u * G * 32, K, G, x, xs, buf);
-        const int64_t w = 16 * nu, n0 = 16 * u, nn = n0 + w <= N ? w : N - n0;
-        for (int64_t t = 0; t < tb; t++)
-            for (int64_t j = 0; j < nn; j++) {
-                if (y_bf16)
-                    ((uint16_t *)y)[t * ldy + n0 + j] = float_to_bf16(buf[t * w + j]);
-                else
-                    ((float *)y)[t * ldy + n0 + j] = buf[t * w + j];
-            }
+        store_rows(buf, tb, 16 * nu, 16 * u, y, y_bf16, ldy, N);
         u += nu;
     }
 }
@@ -260,14 +266,7 @@ static void run_units16(int64_t tb, const uint8_t *codes, const uint16_t *sz, in
         while (lg > 0 && u + (1 << lg) > u1) lg--;
         const int64_t nu = (int64_t)1 << lg;
         tiles16[tb][lg](codes + u * (K / 2) * 16, sz + u * G * 32, K, G, x, xs, buf);
-        const int64_t w = 16 * nu, n0 = 16 * u, nn = n0 + w <= N ? w : N - n0;
-        for (int64_t t = 0; t < tb; t++)
-            for (int64_t j = 0; j < nn; j++) {
-                if (y_bf16)
-                    ((uint16_t *)y)[t * ldy + n0 + j] = float_to_bf16(buf[t * w + j]);
-                else
-                    ((float *)y)[t * ldy + n0 + j] = buf[t * w + j];
-            }
+        store_rows(buf, tb, 16 * nu, 16 * u, y, y_bf16, ldy, N);
         u += nu;
     }
 }
@@ -308,6 +307,110 @@ int64_t edge_rt_int4_matmul_bf16(const uint8_t *codes, const uint16_t *sz, const
         }
     }
     free(xb);
+    return 0;
+}
+
+/* ---- int8 weights, AVX-512 BF16 (edge_rt_int8_matmul_bf16) -------------------------------------
+ * y[t, n] = sum_g d[n, g] * sum_{k in g} q[n, k] * x[t, k] for int8 q (GGUF Q8_0): q is exact in
+ * bf16, so each group is one chain of 16 vdpbf16ps in k order and one fused multiply-add by d;
+ * rows stay invariant as above. Half the products of the same weights as two 4-bit halves.
+ * Layout: codes [N / 16, K / 2, 32] int8, for unit u and pair p the bytes q[16 u + j, 2 p],
+ * q[16 u + j, 2 p + 1] for j = 0..15; d [N / 16, K / 32, 16] bf16.
+ */
+#define TILE8(UB, TB)                                                                                     \
+    static void q8_##UB##_##TB(const int8_t *codes, const uint16_t *dq, int64_t K, int64_t G,             \
+                               const uint16_t *x, float *y) {                                             \
+        __m512 tot[TB][UB];                                                                               \
+        _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                             \
+            _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) tot[t][u] = _mm512_setzero_ps();        \
+        for (int64_t g = 0; g < G; g++) {                                                                 \
+            __m512 a[TB][UB];                                                                             \
+            _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                         \
+                _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) a[t][u] = _mm512_setzero_ps();      \
+            for (int64_t p = g * 16; p < g * 16 + 16; p++) {                                              \
+                __m512i b[TB];                                                                            \
+                _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) {                                   \
+                    uint32_t pair;                                                                        \
+                    memcpy(&pair, x + t * K + 2 * p, 4);                                                  \
+                    b[t] = _mm512_set1_epi32((int)pair);                                                  \
+                }                                                                                         \
+                _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) {                                   \
+                    const int8_t *c = codes + (u * (K / 2) + p) * 32;                                     \
+                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c))); \
+                    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + 16)))); \
+                    const __m512bh w = _mm512_cvtne2ps_pbh(hi, lo); /* exact: |q| <= 128 */             \
+                    _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                 \
+                        a[t][u] = _mm512_dpbf16_ps(a[t][u], w, (__m512bh)b[t]);                           \
+                }                                                                                         \
+            }                                                                                             \
+            _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) {                                       \
+                const __m512 d = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(            \
+                    _mm256_loadu_si256((const __m256i *)(dq + (u * G + g) * 16))), 16));                  \
+                _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) tot[t][u] = _mm512_fmadd_ps(d, a[t][u], tot[t][u]); \
+            }                                                                                             \
+        }                                                                                                 \
+        _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                             \
+            _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) _mm512_storeu_ps(y + t * 16 * UB + 16 * u, tot[t][u]); \
+    }
+
+TILE8(8, 1) TILE8(4, 1) TILE8(2, 1) TILE8(1, 1)
+TILE8(4, 2) TILE8(2, 2) TILE8(1, 2)
+TILE8(2, 3) TILE8(1, 3)
+TILE8(2, 4) TILE8(1, 4)
+TILE8(2, 5) TILE8(1, 5)
+TILE8(2, 6) TILE8(1, 6)
+TILE8(1, 7)
+TILE8(1, 8)
+
+typedef void (*tile8_fn)(const int8_t *, const uint16_t *, int64_t, int64_t, const uint16_t *, float *);
+
+static const tile8_fn tiles8[9][4] = {
+    {NULL, NULL, NULL, NULL},
+    {q8_1_1, q8_2_1, q8_4_1, q8_8_1},
+    {q8_1_2, q8_2_2, q8_4_2, NULL},
+    {q8_1_3, q8_2_3, NULL, NULL},
+    {q8_1_4, q8_2_4, NULL, NULL},
+    {q8_1_5, q8_2_5, NULL, NULL},
+    {q8_1_6, q8_2_6, NULL, NULL},
+    {q8_1_7, NULL, NULL, NULL},
+    {q8_1_8, NULL, NULL, NULL},
+};
+
+static void run_units8(int64_t tb, const int8_t *codes, const uint16_t *dq, int64_t K, int64_t G, const uint16_t *x,
+                       int64_t u0, int64_t u1, void *y, int64_t y_bf16, int64_t ldy, int64_t N) {
+    float buf[8 * 128];
+    int lg = 3;
+    while (!tiles8[tb][lg]) lg--;
+    for (int64_t u = u0; u < u1;) {
+        while (lg > 0 && u + (1 << lg) > u1) lg--;
+        const int64_t nu = (int64_t)1 << lg;
+        tiles8[tb][lg](codes + u * (K / 2) * 32, dq + u * G * 16, K, G, x, buf);
+        store_rows(buf, tb, 16 * nu, 16 * u, y, y_bf16, ldy, N);
+        u += nu;
+    }
+}
+
+/* y = x @ w.T for int8 weights: x [T, K] bf16 (row stride ldx), y [T, N] bf16 or fp32. Returns 0 or
+ * -2 (K not a multiple of 32, or no rows). */
+int64_t edge_rt_int8_matmul_bf16(const int8_t *codes, const uint16_t *dq, const uint16_t *x, int64_t ldx, int64_t T,
+                                 int64_t K, int64_t N, void *y, int64_t y_bf16, int64_t ldy) {
+    if (K % 32 || T <= 0 || N <= 0) return -2;
+    const int64_t G = K / 32, units = (N + 15) / 16;
+#pragma omp parallel if (units * K * (T < 4 ? T : 4) >= 32768)
+    {
+#ifdef _OPENMP
+        const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+        const int64_t nt = 1, id = 0;
+#endif
+        const int64_t u0 = units * id / nt, u1 = units * (id + 1) / nt;
+        for (int64_t t = 0; t < T;) {
+            const int64_t tb = T - t >= 8 ? 8 : T - t;
+            void *yt = y_bf16 ? (void *)((uint16_t *)y + t * ldy) : (void *)((float *)y + t * ldy);
+            run_units8(tb, codes, dq, K, G, x + t * ldx, u0, u1, yt, y_bf16, ldy, N);
+            t += tb;
+        }
+    }
     return 0;
 }
 #pragma GCC pop_options

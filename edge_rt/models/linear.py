@@ -104,6 +104,41 @@ class Int4Linear(nn.Module):
                 f"kernel={self.kernel}, input_repeat={self.input_repeat}")
 
 
+class Int8Linear(nn.Module):
+    """Linear layer with int8 weights and a scale per 32-wide group (GGUF Q8_0), w = d * q, on the
+    AVX-512 BF16 kernel (models/int4_matmul.c, `kernel` "native_bf16"): q is exact in bf16, so it
+    takes half the products of the same weights as two 4-bit halves (Int4Linear, input_repeat=2).
+    d is rounded to `dtype` (bf16), as Int4Linear rounds its scales."""
+
+    kernel = "native_bf16"
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__()
+        N, K = q.shape
+        if K % 32 or dtype != torch.bfloat16 or device.type != "cpu":
+            raise ValueError("the int8 kernel takes inputs in 32-wide groups and bf16 on CPU")
+        self.in_features, self.out_features, self.group_size = K, N, 32
+        pad = -N % 16
+        q = q.view(torch.int8)
+        if pad:
+            q = torch.cat([q, q.new_zeros(pad, K)])
+            d = torch.cat([d, d.new_zeros(pad, d.shape[1])])
+        U = (N + pad) // 16
+        self.register_buffer("codes", q.view(U, 16, K // 2, 2).permute(0, 2, 1, 3).contiguous().view(U, K // 2, 32))
+        self.register_buffer("scales", d.to(dtype).view(U, 16, K // 32).permute(0, 2, 1).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.to(device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from edge_rt.models.native_kernels import int8_matmul
+
+        y = int8_matmul(x, self.codes, self.scales, self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, group=32, kernel={self.kernel}"
+
+
 class Int8Embedding(nn.Module):
     """Embedding table kept as int8 codes with a scale per 32-wide group (GGUF Q8_0).
 

@@ -67,6 +67,8 @@ def _int4_kernel():
     for fn in (lib.edge_rt_int4_matmul, lib.edge_rt_int4_matmul_bf16):
         fn.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, p, i64, i64]
         fn.restype = i64
+    lib.edge_rt_int8_matmul_bf16.argtypes = [p, p, p, i64, i64, i64, i64, p, i64, i64]
+    lib.edge_rt_int8_matmul_bf16.restype = i64
     return lib
 
 
@@ -103,6 +105,21 @@ def int4_matmul(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, n_out: i
                                               x2.shape[0], Kx, repeat, N, y.data_ptr(), 1, N),
            f"int4 matmul ({N} x {Kx * repeat})", "an input width that is a multiple of 32")
     return y.view(*x.shape[:-1], N)
+
+
+def int8_matmul(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, n_out: int) -> torch.Tensor:
+    """x @ w.T for int8 weights (w = d * q per 32-wide group) on AVX-512 BF16, in
+    linear.Int8Linear's layout: x [..., K] bf16 on CPU -> [..., N] bf16, each row computed exactly
+    as a one-row call computes it."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1 or x2.dtype != torch.bfloat16:
+        x2 = x2.to(torch.bfloat16).contiguous()
+    y = torch.empty(x2.shape[0], n_out, dtype=torch.bfloat16)
+    _check(_int4_kernel().edge_rt_int8_matmul_bf16(codes.data_ptr(), d.data_ptr(), x2.data_ptr(), x2.stride(0),
+                                                   x2.shape[0], K, n_out, y.data_ptr(), 1, n_out),
+           f"int8 matmul ({n_out} x {K})", "an input width that is a multiple of 32")
+    return y.view(*x.shape[:-1], n_out)
 
 
 def _check(rc: int, what: str, need: str = "a multiple of 8") -> None:
