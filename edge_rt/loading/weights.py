@@ -2,8 +2,9 @@
 
 The model is built on the meta device, then every parameter is assigned from its source
 tensor(s). Linear weights whose file type maps exactly onto a packed format (GGUF Q4_0/Q4_1 ->
-Int4Linear) keep their codes when `quantized` is true; everything else is dequantized bit-exactly
-to fp32 and cast to the compute dtype. Norm weights stay fp32.
+Int4Linear; Q8_0 -> Int8Linear on the AVX-512 BF16 kernel, else Int4Linear as two 4-bit halves)
+keep their codes when `quantized` is true; everything else is dequantized bit-exactly to fp32 and
+cast to the compute dtype. Norm weights stay fp32.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def int4_kernel_for(device: torch.device, dtype: torch.dtype, in_features: int) 
     CPU, bf16: edge-rt's own kernels (models/int4_matmul.c): "native_bf16" where the CPU has
     AVX-512 BF16, else "native" (AVX2 + FMA) where PyTorch's CPU kernels run at AVX2 level, else
     PyTorch's _weight_int4pack_mm_for_cpu ("cpu"). Measured on one CPU (docs/BENCHMARKS.md):
-    native_bf16 0.94x PyTorch's AVX-512 kernel's time for a decode step and 0.74x for an 8-token
+    native_bf16 0.90x PyTorch's AVX-512 kernel's time for a decode step and 0.63x for an 8-token
     verify; native 0.70x PyTorch's AVX2 kernel's but 1.09x its AVX-512 one's.
     $EDGE_RT_INT4_KERNEL=native_bf16|native|pytorch overrides the choice (a kernel the CPU cannot
     run falls through to the next). CPU, other dtypes: "cpu". CUDA: tinygemm's _weight_int4pack_mm,

@@ -10,7 +10,9 @@ Models build every projection with `make_linear`; a loader then swaps a module f
   models/int4_matmul.c: weights read once per call whatever the rows, each row computed as a
   one-row call computes it), PyTorch's packed int4 matmuls
   (`_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm` on CUDA), or a dense weight where
-  none exists (MPS).
+  none exists (MPS). GGUF Q8_0 maps onto it exactly as two 4-bit halves (input_repeat=2);
+- int8 groups (`Int8Linear`): GGUF Q8_0 as it is, w = d * q, on the AVX-512 BF16 kernel only
+  (the loader uses it where that kernel runs: half the products of the two halves).
 """
 
 from __future__ import annotations
