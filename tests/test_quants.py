@@ -158,6 +158,7 @@ def test_int4_kernel_policy_follows_the_cpu(monkeypatch):
     from edge_rt.loading.weights import int4_kernel_for
     from edge_rt.models import native_kernels
 
+    monkeypatch.delenv("EDGE_RT_INT4_KERNEL", raising=False)  # the automatic choice first
     cpu = torch.device("cpu")
     has = native_kernels.int4_available()
     native_or_cpu = "native" if has else "cpu"
