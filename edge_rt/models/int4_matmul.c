@@ -63,11 +63,65 @@ static void store_rows(const float *buf, int64_t tb, int64_t w, int64_t n0, void
         }
 }
 
+/* Every kernel's tiles share one signature: codes/sz point at the tile's first 16-output unit, x at
+ * its first row (the kernel's own element type), xs at the rows' group sums (NULL where unused);
+ * y gets [TB, 16 units] fp32 results. */
+typedef void (*tile_fn)(const void *codes, const uint16_t *sz, int64_t K, int64_t G, const void *x, const float *xs,
+                        float *y);
+
+/* A kernel: tiles[tb][lg] covers tb rows of 2^lg units (NULL where registers do not allow it), for
+ * tb = 1 .. max_rows; a unit holds code_unit bytes per input and sz_unit scales per group. */
+typedef struct {
+    const tile_fn (*tiles)[4];
+    int64_t max_rows, code_unit, sz_unit;
+} kernel_t;
+
+/* tb rows of units u0 .. u1 into y: the widest tile first, then halves for the remaining units. */
+static void run_tiles(const kernel_t *kn, int64_t tb, const uint8_t *codes, const uint16_t *sz, int64_t K, int64_t G,
+                      const void *x, const float *xs, int64_t u0, int64_t u1, void *y, int64_t y_bf16, int64_t ldy,
+                      int64_t N) {
+    float buf[8 * 128];
+    int lg = 3;
+    while (!kn->tiles[tb][lg]) lg--;
+    for (int64_t u = u0; u < u1;) {
+        while (lg > 0 && u + (1 << lg) > u1) lg--;
+        const int64_t nu = (int64_t)1 << lg;
+        kn->tiles[tb][lg](codes + u * K * kn->code_unit, sz + u * G * kn->sz_unit, K, G, x, xs, buf);
+        store_rows(buf, tb, 16 * nu, 16 * u, y, y_bf16, ldy, N);
+        u += nu;
+    }
+}
+
+/* All T rows: the units split evenly between OpenMP threads, each running its units for the rows
+ * in chunks of up to kn->max_rows. x rows are x_row bytes apart; xs (or NULL) holds K / 32 sums a row. */
+static void run_rows(const kernel_t *kn, const uint8_t *codes, const uint16_t *sz, int64_t K, const void *x,
+                     int64_t x_row, const float *xs, int64_t T, int64_t N, void *y, int64_t y_bf16, int64_t ldy) {
+    const int64_t G = K / 32, units = (N + 15) / 16;
+#pragma omp parallel if (units * K * (T < 4 ? T : 4) >= 32768)
+    {
+#ifdef _OPENMP
+        const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+        const int64_t nt = 1, id = 0;
+#endif
+        const int64_t u0 = units * id / nt, u1 = units * (id + 1) / nt;
+        for (int64_t t = 0; t < T;) {
+            const int64_t tb = T - t >= kn->max_rows ? kn->max_rows : T - t;
+            void *yt = y_bf16 ? (void *)((uint16_t *)y + t * ldy) : (void *)((float *)y + t * ldy);
+            run_tiles(kn, tb, codes, sz, K, G, (const char *)x + t * x_row, xs ? xs + t * G : NULL, u0, u1, yt,
+                      y_bf16, ldy, N);
+            t += tb;
+        }
+    }
+}
+
 /* A tile of U units (2 U output vectors of 8) by TB rows. codes/sz point at the first unit;
  * x [TB, K] fp32, xs [TB, G] group sums; y gets [TB, 16 U] results (fp32, row stride 16 U). */
 #define TILE(U, TB)                                                                                       \
-    static void tile_##U##_##TB(const uint8_t *codes, const uint16_t *sz, int64_t K, int64_t G,            \
-                                const float *x, const float *xs, float *y) {                              \
+    static void tile_##U##_##TB(const void *codes_, const uint16_t *sz, int64_t K, int64_t G,              \
+                                const void *x_, const float *xs, float *y) {                              \
+        const uint8_t *codes = codes_;                                                                    \
+        const float *x = x_;                                                                              \
         __m256 tot[TB][2 * U];                                                                            \
         _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                             \
             _Pragma("GCC unroll 16") for (int v = 0; v < 2 * U; v++) tot[t][v] = _mm256_setzero_ps();     \
@@ -112,34 +166,21 @@ TILE(1, 2)
 TILE(1, 3)
 TILE(1, 4)
 
-typedef void (*tile_fn)(const uint8_t *, const uint16_t *, int64_t, int64_t, const float *, const float *, float *);
-
-/* Rows t0 .. t0 + tb of units u0 .. u1 into y. */
-static void run_units(int64_t tb, const uint8_t *codes, const uint16_t *sz, int64_t K, int64_t G, const float *x,
-                      const float *xs, int64_t u0, int64_t u1, void *y, int64_t y_bf16, int64_t ldy, int64_t N) {
-    static const tile_fn wide[5] = {NULL, tile_4_1, tile_2_2, tile_1_3, tile_1_4};
-    static const int wide_units[5] = {0, 4, 2, 1, 1};
-    static const tile_fn narrow[5] = {NULL, tile_1_1, tile_1_2, tile_1_3, tile_1_4};
-    float buf[4 * 64];
-    for (int64_t u = u0; u < u1;) {
-        int64_t nu = wide_units[tb];
-        tile_fn f = wide[tb];
-        if (u + nu > u1) {
-            nu = (tb == 1 && u + 2 <= u1) ? 2 : 1;
-            f = nu == 2 ? tile_2_1 : narrow[tb];
-        }
-        f(codes + u * K * 8, sz + u * G * 32, K, G, x, xs, buf);
-        store_rows(buf, tb, 16 * nu, 16 * u, y, y_bf16, ldy, N);
-        u += nu;
-    }
-}
+static const tile_fn tiles_avx2[5][4] = {
+    {NULL, NULL, NULL, NULL},
+    {tile_1_1, tile_2_1, tile_4_1, NULL},
+    {tile_1_2, tile_2_2, NULL, NULL},
+    {tile_1_3, NULL, NULL, NULL},
+    {tile_1_4, NULL, NULL, NULL},
+};
+static const kernel_t kernel_avx2 = {tiles_avx2, 4, 8, 32};
 
 /* Returns 0, -1 (scratch allocation failed) or -2 (K not a multiple of 32, or no rows). */
 int64_t edge_rt_int4_matmul(const uint8_t *codes, const uint16_t *sz, const void *x, int64_t x_bf16, int64_t ldx,
                             int64_t T, int64_t Kx, int64_t repeat, int64_t N, void *y, int64_t y_bf16, int64_t ldy) {
     const int64_t K = Kx * repeat;
     if (K % 32 || T <= 0 || N <= 0) return -2;
-    const int64_t G = K / 32, units = (N + 15) / 16;
+    const int64_t G = K / 32;
     /* x as fp32 rows [T, K] and its group sums [T, G] */
     float *xf = malloc(sizeof(float) * (size_t)(T * (K + G)));
     if (!xf) return -1;
@@ -160,21 +201,7 @@ int64_t edge_rt_int4_matmul(const uint8_t *codes, const uint16_t *sz, const void
             xs[t * G + g] = s;
         }
     }
-#pragma omp parallel if (units * K * (T < 4 ? T : 4) >= 32768)
-    {
-#ifdef _OPENMP
-        const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-#else
-        const int64_t nt = 1, id = 0;
-#endif
-        const int64_t u0 = units * id / nt, u1 = units * (id + 1) / nt;
-        for (int64_t t = 0; t < T;) {
-            const int64_t tb = T - t >= 4 ? 4 : T - t;
-            void *yt = y_bf16 ? (void *)((uint16_t *)y + t * ldy) : (void *)((float *)y + t * ldy);
-            run_units(tb, codes, sz, K, G, xf + t * K, xs + t * G, u0, u1, yt, y_bf16, ldy, N);
-            t += tb;
-        }
-    }
+    run_rows(&kernel_avx2, codes, sz, K, xf, K * (int64_t)sizeof(float), xs, T, N, y, y_bf16, ldy);
     free(xf);
     return 0;
 }
@@ -193,8 +220,10 @@ int64_t edge_rt_int4_matmul(const uint8_t *codes, const uint16_t *sz, const void
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
 
 #define TILE16(UB, TB)                                                                                    \
-    static void t16_##UB##_##TB(const uint8_t *codes, const uint16_t *sz, int64_t K, int64_t G,           \
-                                const uint16_t *x, const float *xs, float *y) {                           \
+    static void t16_##UB##_##TB(const void *codes_, const uint16_t *sz, int64_t K, int64_t G,             \
+                                const void *x_, const float *xs, float *y) {                              \
+        const uint8_t *codes = codes_;                                                                    \
+        const uint16_t *x = x_;                                                                           \
         __m512 tot[TB][UB];                                                                               \
         _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                             \
             _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) tot[t][u] = _mm512_setzero_ps();        \
@@ -242,10 +271,7 @@ TILE16(2, 6) TILE16(1, 6)
 TILE16(1, 7)
 TILE16(1, 8)
 
-typedef void (*tile16_fn)(const uint8_t *, const uint16_t *, int64_t, int64_t, const uint16_t *, const float *, float *);
-
-/* [tb][log2 units]: the widest tile first, then halves for the remaining units */
-static const tile16_fn tiles16[9][4] = {
+static const tile_fn tiles16[9][4] = {
     {NULL, NULL, NULL, NULL},
     {t16_1_1, t16_2_1, t16_4_1, t16_8_1},
     {t16_1_2, t16_2_2, t16_4_2, NULL},
@@ -256,20 +282,7 @@ static const tile16_fn tiles16[9][4] = {
     {t16_1_7, NULL, NULL, NULL},
     {t16_1_8, NULL, NULL, NULL},
 };
-
-static void run_units16(int64_t tb, const uint8_t *codes, const uint16_t *sz, int64_t K, int64_t G, const uint16_t *x,
-                        const float *xs, int64_t u0, int64_t u1, void *y, int64_t y_bf16, int64_t ldy, int64_t N) {
-    float buf[8 * 128];
-    int lg = 3;
-    while (!tiles16[tb][lg]) lg--;
-    for (int64_t u = u0; u < u1;) {
-        while (lg > 0 && u + (1 << lg) > u1) lg--;
-        const int64_t nu = (int64_t)1 << lg;
-        tiles16[tb][lg](codes + u * (K / 2) * 16, sz + u * G * 32, K, G, x, xs, buf);
-        store_rows(buf, tb, 16 * nu, 16 * u, y, y_bf16, ldy, N);
-        u += nu;
-    }
-}
+static const kernel_t kernel_bf16 = {tiles16, 8, 8, 32};
 
 /* As edge_rt_int4_matmul with bf16 x (x_bf16 must be 1) and the bf16x2 codes layout. */
 int64_t edge_rt_int4_matmul_bf16(const uint8_t *codes, const uint16_t *sz, const void *x, int64_t x_bf16, int64_t ldx,
@@ -277,7 +290,7 @@ int64_t edge_rt_int4_matmul_bf16(const uint8_t *codes, const uint16_t *sz, const
                                  int64_t ldy) {
     const int64_t K = Kx * repeat;
     if (K % 32 || T <= 0 || N <= 0 || !x_bf16) return -2;
-    const int64_t G = K / 32, units = (N + 15) / 16;
+    const int64_t G = K / 32;
     /* x rows repeated [T, K] bf16, and the group sums [T, G] in fp32 */
     uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(T * K) + sizeof(float) * (size_t)(T * G));
     if (!xb) return -1;
@@ -291,21 +304,7 @@ int64_t edge_rt_int4_matmul_bf16(const uint8_t *codes, const uint16_t *sz, const
             xs[t * G + g] = s;
         }
     }
-#pragma omp parallel if (units * K * (T < 4 ? T : 4) >= 32768)
-    {
-#ifdef _OPENMP
-        const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-#else
-        const int64_t nt = 1, id = 0;
-#endif
-        const int64_t u0 = units * id / nt, u1 = units * (id + 1) / nt;
-        for (int64_t t = 0; t < T;) {
-            const int64_t tb = T - t >= 8 ? 8 : T - t;
-            void *yt = y_bf16 ? (void *)((uint16_t *)y + t * ldy) : (void *)((float *)y + t * ldy);
-            run_units16(tb, codes, sz, K, G, xb + t * K, xs + t * G, u0, u1, yt, y_bf16, ldy, N);
-            t += tb;
-        }
-    }
+    run_rows(&kernel_bf16, codes, sz, K, xb, K * (int64_t)sizeof(uint16_t), xs, T, N, y, y_bf16, ldy);
     free(xb);
     return 0;
 }
@@ -318,8 +317,11 @@ int64_t edge_rt_int4_matmul_bf16(const uint8_t *codes, const uint16_t *sz, const
  * q[16 u + j, 2 p + 1] for j = 0..15; d [N / 16, K / 32, 16] bf16.
  */
 #define TILE8(UB, TB)                                                                                     \
-    static void q8_##UB##_##TB(const int8_t *codes, const uint16_t *dq, int64_t K, int64_t G,             \
-                               const uint16_t *x, float *y) {                                             \
+    static void q8_##UB##_##TB(const void *codes_, const uint16_t *dq, int64_t K, int64_t G,              \
+                               const void *x_, const float *xs, float *y) {                               \
+        const int8_t *codes = codes_;                                                                     \
+        const uint16_t *x = x_;                                                                           \
+        (void)xs;                                                                                         \
         __m512 tot[TB][UB];                                                                               \
         _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                             \
             _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) tot[t][u] = _mm512_setzero_ps();        \
@@ -362,9 +364,7 @@ TILE8(2, 6) TILE8(1, 6)
 TILE8(1, 7)
 TILE8(1, 8)
 
-typedef void (*tile8_fn)(const int8_t *, const uint16_t *, int64_t, int64_t, const uint16_t *, float *);
-
-static const tile8_fn tiles8[9][4] = {
+static const tile_fn tiles8[9][4] = {
     {NULL, NULL, NULL, NULL},
     {q8_1_1, q8_2_1, q8_4_1, q8_8_1},
     {q8_1_2, q8_2_2, q8_4_2, NULL},
@@ -375,42 +375,15 @@ static const tile8_fn tiles8[9][4] = {
     {q8_1_7, NULL, NULL, NULL},
     {q8_1_8, NULL, NULL, NULL},
 };
-
-static void run_units8(int64_t tb, const int8_t *codes, const uint16_t *dq, int64_t K, int64_t G, const uint16_t *x,
-                       int64_t u0, int64_t u1, void *y, int64_t y_bf16, int64_t ldy, int64_t N) {
-    float buf[8 * 128];
-    int lg = 3;
-    while (!tiles8[tb][lg]) lg--;
-    for (int64_t u = u0; u < u1;) {
-        while (lg > 0 && u + (1 << lg) > u1) lg--;
-        const int64_t nu = (int64_t)1 << lg;
-        tiles8[tb][lg](codes + u * (K / 2) * 32, dq + u * G * 16, K, G, x, buf);
-        store_rows(buf, tb, 16 * nu, 16 * u, y, y_bf16, ldy, N);
-        u += nu;
-    }
-}
+static const kernel_t kernel_int8 = {tiles8, 8, 16, 16};
 
 /* y = x @ w.T for int8 weights: x [T, K] bf16 (row stride ldx), y [T, N] bf16 or fp32. Returns 0 or
  * -2 (K not a multiple of 32, or no rows). */
 int64_t edge_rt_int8_matmul_bf16(const int8_t *codes, const uint16_t *dq, const uint16_t *x, int64_t ldx, int64_t T,
                                  int64_t K, int64_t N, void *y, int64_t y_bf16, int64_t ldy) {
     if (K % 32 || T <= 0 || N <= 0) return -2;
-    const int64_t G = K / 32, units = (N + 15) / 16;
-#pragma omp parallel if (units * K * (T < 4 ? T : 4) >= 32768)
-    {
-#ifdef _OPENMP
-        const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-#else
-        const int64_t nt = 1, id = 0;
-#endif
-        const int64_t u0 = units * id / nt, u1 = units * (id + 1) / nt;
-        for (int64_t t = 0; t < T;) {
-            const int64_t tb = T - t >= 8 ? 8 : T - t;
-            void *yt = y_bf16 ? (void *)((uint16_t *)y + t * ldy) : (void *)((float *)y + t * ldy);
-            run_units8(tb, codes, dq, K, G, x + t * ldx, u0, u1, yt, y_bf16, ldy, N);
-            t += tb;
-        }
-    }
+    run_rows(&kernel_int8, (const uint8_t *)codes, dq, K, x, ldx * (int64_t)sizeof(uint16_t), NULL, T, N, y, y_bf16,
+             ldy);
     return 0;
 }
 #pragma GCC pop_options
