@@ -20,14 +20,14 @@ def batch_invariant(model: Transformer) -> bool:
     (docs/NOTES.md, tests/test_cuda.py): PyTorch's packed int4 kernels, on CPU and on CUDA (tinygemm,
     checked on an H100 for 1..16 rows at SmolLM2's shapes), give each row the same bits whatever the
     number of rows, while dense fp32/bf16 products switch kernels between 1 and several rows (gemv vs
-    gemm). edge-rt's own int4 kernel ("native", models/int4_matmul.c) is row-invariant by
+    gemm). edge-rt's own int4 kernels (NATIVE_KERNELS, models/int4_matmul.c) are row-invariant by
     construction (tests/test_quants.py).
     """
-    from edge_rt.models.linear import Int4Linear, Int8Linear
+    from edge_rt.models.linear import NATIVE_KERNELS, Int4Linear, Int8Linear
 
     linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int4Linear, Int8Linear))]
     return bool(linears) and all(isinstance(m, (Int4Linear, Int8Linear))
-                                 and m.kernel in ("cpu", "cuda", "native", "native_bf16")
+                                 and m.kernel in ("cpu", "cuda", *NATIVE_KERNELS)
                                  for m in linears)
 
 

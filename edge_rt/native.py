@@ -52,6 +52,11 @@ def has_avx512_bf16() -> bool:
     return simd_level() == "avx2" and {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= _cpu_flags()
 
 
+def has_avx512_vnni() -> bool:
+    """Whether this CPU runs AVX-512 VNNI (vpdpbusd) with AVX-512 F/BW/VL."""
+    return simd_level() == "avx2" and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= _cpu_flags()
+
+
 def compiler_flags(simd: str = "baseline", openmp: bool = False) -> list[str]:
     """Flags for a shared library. simd "baseline": SSSE3 on x86-64 (every CPU since 2006);
     "avx2": adds AVX2 and FMA where this CPU has them (the build key includes the flags, so a

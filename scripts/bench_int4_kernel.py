@@ -2,7 +2,7 @@
 
 Both kernels serve Int4Linear on CPU (loading.weights.int4_kernel_for picks one): PyTorch's
 `_weight_int4pack_mm_for_cpu` ("pytorch") and models/int4_matmul.c ("native": AVX2 + FMA;
-"native_bf16": AVX-512 BF16, where the CPU has it). This loads the GGUF once per kernel
+"native_bf16": AVX-512 BF16; "native_vnni": AVX-512 VNNI; each where the CPU has it). This loads the GGUF once per kernel
 (EDGE_RT_INT4_KERNEL), fills the cache with a --prefix-token prompt,
 and times, round-robin over kernels and chunk sizes after a warm-up:
   - T = 1: `backend.forward([t])`, a plain decode step (last logits);
@@ -27,7 +27,7 @@ import time
 
 from _bench_common import emit, invoked_command, log, machine_info, summarize
 
-KERNELS = ("pytorch", "native", "native_bf16")
+KERNELS = ("pytorch", "native", "native_bf16", "native_vnni")
 
 
 def main() -> None:
@@ -55,9 +55,9 @@ def main() -> None:
     for k in kernels:
         os.environ["EDGE_RT_INT4_KERNEL"] = k
         llms[k] = edge_rt.load(a.model, device="cpu", threads=a.threads, n_ctx=a.prefix + 64)
-        got = llms[k].backend.model.lm_head.kernel
+        got = llms[k].backend.model.layers[0].attn.wqkv.kernel
         if got != {"pytorch": "cpu"}.get(k, k):
-            raise SystemExit(f"kernel {k!r} did not load (the output layer runs {got!r})")
+            raise SystemExit(f"kernel {k!r} did not load (the first layer runs {got!r})")
     ids = pydoc_ids(llms["native"].tokenizer, a.prefix)
     for llm in llms.values():
         llm.backend.reset()

@@ -219,7 +219,10 @@ def test_quantized_gguf_close_to_dense_reference(tmp_path):
     assert type(packed.layers[0].attn.wqkv).__name__ == "Int4Linear"
     tokens = list(range(10, 30))
     a, b = run_logits(packed, tokens), run_logits(dense, tokens)
-    assert (a - b).abs().max() < 0.05 * b.abs().max()
+    # bf16 activations: 0.03 of the largest logit measured; native_vnni also rounds each 32-wide
+    # group of activations to int8 (as llama.cpp does): 0.05 measured
+    tol = 0.08 if packed.layers[0].attn.wqkv.kernel == "native_vnni" else 0.05
+    assert (a - b).abs().max() < tol * b.abs().max()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
 
 

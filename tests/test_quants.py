@@ -89,7 +89,8 @@ def test_int4_linear_matches_dequantized_matmul(dtype, n_out, kernel):
 def test_int4_kernel_choice_per_device(monkeypatch):
     from edge_rt.loading.weights import int4_kernel_for
 
-    assert int4_kernel_for(torch.device("cpu"), torch.bfloat16, 576)[0] in ("cpu", "native", "native_bf16")
+    assert int4_kernel_for(torch.device("cpu"), torch.bfloat16, 576)[0] in ("cpu", "native", "native_bf16",
+                                                                          "native_vnni")
     assert int4_kernel_for(torch.device("mps"), torch.float16, 576)[0] == "dense"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     cuda = torch.device("cuda", 0)
@@ -103,20 +104,35 @@ def test_int4_kernel_choice_per_device(monkeypatch):
 
 def _native_int4_or_skip(variant="native"):
     from edge_rt.models import native_kernels
-    from edge_rt.native import enabled, has_avx512_bf16, simd_level
+    from edge_rt.native import enabled, has_avx512_bf16, has_avx512_vnni, simd_level
 
     if not enabled() or simd_level() != "avx2":
         pytest.skip("the native int4 kernel needs AVX2 + FMA and EDGE_RT_NATIVE unset")
     if variant == "native_bf16" and not has_avx512_bf16():
         pytest.skip("the native_bf16 int4 kernel needs AVX-512 BF16")
+    if variant == "native_vnni" and not has_avx512_vnni():
+        pytest.skip("the native_vnni int4 kernel needs AVX-512 VNNI")
     assert native_kernels.int4_available(variant), "the native int4 kernel failed to build"
 
 
-@pytest.mark.parametrize("variant", ["native", "native_bf16"])
+def quantize_rows_q8(x: torch.Tensor) -> torch.Tensor:
+    """The native_vnni kernel's view of x [..., K]: each 32-wide group scaled to -127..127 by its
+    largest magnitude, rounded half to even, and scaled back (llama.cpp's activation
+    quantization), in fp32."""
+    g = x.float().unflatten(-1, (-1, 32))
+    amax = g.abs().amax(-1, keepdim=True)
+    # tensor / tensor: IEEE division, as the kernel divides (PyTorch computes scalar / tensor through
+    # a reciprocal, one ulp off at times, which moves a product onto a rounding tie)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    return (torch.round(g * inv) * (amax / 127.0)).flatten(-2)
+
+
+@pytest.mark.parametrize("variant", ["native", "native_bf16", "native_vnni"])
 @pytest.mark.parametrize("n_out,K,repeat", [(64, 96, 1), (40, 64, 1), (77, 160, 1), (48, 64, 2), (1024, 576, 1)])
 def test_native_int4_matches_dequantized_matmul_and_is_row_invariant(n_out, K, repeat, variant):
-    """The native kernels against the fp32 dequantized product, and every row of a T-row call
-    bit-identical to the same row alone (what an exact speculative verify chunk relies on)."""
+    """The native kernels against the fp32 dequantized product (for native_vnni, of x as it
+    quantizes it to int8), and every row of a T-row call bit-identical to the same row alone
+    (what an exact speculative verify chunk relies on)."""
     _native_int4_or_skip(variant)
     g = torch.Generator().manual_seed(n_out + K)
     q = torch.randint(0, 16, (n_out, K * repeat), generator=g, dtype=torch.uint8)
@@ -127,11 +143,15 @@ def test_native_int4_matches_dequantized_matmul_and_is_row_invariant(n_out, K, r
     w = dequantize_int4(q, scale.bfloat16().float(), zero.bfloat16().float(), 32)
     w = sum(w[:, i * K:(i + 1) * K] for i in range(repeat))
     x = torch.randn(1, 11, K, generator=g).bfloat16()
-    ref = x.float() @ w.t()
+    xr = quantize_rows_q8(x) if variant == "native_vnni" else x.float()
+    ref = xr @ w.t()
     out = lin(x)
     assert out.shape == (1, 11, n_out) and out.dtype == torch.bfloat16
     # bf16 output: one rounding of the fp32 sum (8 bits), plus fp32 summation noise
     assert torch.allclose(out.float(), ref, atol=1e-5 * ref.abs().max(), rtol=2 ** -8)
+    if variant == "native_vnni":  # and the int8 activations stay close to the bf16 ones
+        exact = x.float() @ w.t()
+        assert ((out.float() - exact).norm() / exact.norm()) < 0.02
     for T in (1, 2, 3, 4, 5, 6, 7, 8, 9, 11):
         rows = lin(x[:, :T])
         assert torch.equal(rows, torch.cat([lin(x[:, t:t + 1]) for t in range(T)], dim=1)), T
@@ -151,11 +171,12 @@ def test_native_int4_rejects_a_width_it_cannot_take():
 
 
 def test_int4_kernel_policy_follows_the_cpu(monkeypatch):
-    """native_bf16 where the CPU has AVX-512 BF16; else native where PyTorch's kernels run at AVX2
-    level, PyTorch's where they run AVX-512; EDGE_RT_INT4_KERNEL overrides; a bad value is a
-    one-line error."""
+    """native_vnni where the CPU has AVX-512 VNNI, else native_bf16 where it has AVX-512 BF16; else
+    native where PyTorch's kernels run at AVX2 level, PyTorch's where they run AVX-512;
+    EDGE_RT_INT4_KERNEL overrides; a bad value is a one-line error. GGUF Q8_0 stays int8
+    (Int8Linear) on the same AVX-512 kernel."""
     import edge_rt.native as native
-    from edge_rt.loading.weights import int4_kernel_for
+    from edge_rt.loading.weights import int4_kernel_for, int8_kernel_for
     from edge_rt.models import native_kernels
 
     monkeypatch.delenv("EDGE_RT_INT4_KERNEL", raising=False)  # the automatic choice first
@@ -163,17 +184,27 @@ def test_int4_kernel_policy_follows_the_cpu(monkeypatch):
     has = native_kernels.int4_available()
     native_or_cpu = "native" if has else "cpu"
     monkeypatch.setattr(native, "has_avx512_bf16", lambda: has)
+    monkeypatch.setattr(native, "has_avx512_vnni", lambda: has)
+    assert int4_kernel_for(cpu, torch.bfloat16, 576) == ("native_vnni" if has else "cpu", 8)
+    assert int8_kernel_for("native_vnni") == "native_vnni"
+    assert int8_kernel_for("native_bf16") == ("native_bf16" if has else None)
+    assert int8_kernel_for("native") is None and int8_kernel_for("cpu") is None
+    monkeypatch.setenv("EDGE_RT_INT4_KERNEL", "native_bf16")
     assert int4_kernel_for(cpu, torch.bfloat16, 576) == ("native_bf16" if has else "cpu", 8)
     monkeypatch.setenv("EDGE_RT_INT4_KERNEL", "native")
     assert int4_kernel_for(cpu, torch.bfloat16, 576) == (native_or_cpu, 8)
     monkeypatch.delenv("EDGE_RT_INT4_KERNEL")
+    monkeypatch.setattr(native, "has_avx512_vnni", lambda: False)
+    assert int4_kernel_for(cpu, torch.bfloat16, 576) == ("native_bf16" if has else "cpu", 8)
     monkeypatch.setattr(native, "has_avx512_bf16", lambda: False)
+    assert int8_kernel_for("native_bf16") is None  # no AVX-512 BF16: Q8_0 runs as two 4-bit halves
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert int4_kernel_for(cpu, torch.bfloat16, 576) == (native_or_cpu, 8)
     assert int4_kernel_for(cpu, torch.float32, 576) == ("cpu", 8)  # the native kernels take bf16 only
     assert int4_kernel_for(cpu, torch.bfloat16, 48) == ("cpu", 8)  # nor widths off 32
-    monkeypatch.setenv("EDGE_RT_INT4_KERNEL", "native_bf16")  # not on this CPU: the next one down
-    assert int4_kernel_for(cpu, torch.bfloat16, 576) == (native_or_cpu, 8)
+    for name in ("native_vnni", "native_bf16"):  # not on this CPU: the next one down
+        monkeypatch.setenv("EDGE_RT_INT4_KERNEL", name)
+        assert int4_kernel_for(cpu, torch.bfloat16, 576) == (native_or_cpu, 8)
     monkeypatch.delenv("EDGE_RT_INT4_KERNEL")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert int4_kernel_for(cpu, torch.bfloat16, 576) == ("cpu", 8)
@@ -187,24 +218,30 @@ def test_int4_kernel_policy_follows_the_cpu(monkeypatch):
         int4_kernel_for(cpu, torch.bfloat16, 576)
 
 
+@pytest.mark.parametrize("kernel", ["native_bf16", "native_vnni"])
 @pytest.mark.parametrize("n_out,K", [(40, 64), (77, 160), (1024, 576)])
-def test_int8_linear_matches_q8_0_dequantized_and_is_row_invariant(n_out, K):
-    """Int8Linear (GGUF Q8_0 on the AVX-512 BF16 kernel) against d * q in fp32, row-invariant."""
-    _native_int4_or_skip("native_bf16")
+def test_int8_linear_matches_q8_0_dequantized_and_is_row_invariant(n_out, K, kernel):
+    """Int8Linear (GGUF Q8_0 on the AVX-512 BF16 or VNNI kernel) against d * q in fp32 (for VNNI,
+    with x rounded to int8 per group as the kernel rounds it), row-invariant."""
+    _native_int4_or_skip(kernel)
     from edge_rt.models.linear import Int8Linear
 
     g = torch.Generator().manual_seed(n_out)
     q = torch.randint(-128, 128, (n_out, K), generator=g).to(torch.int8)
     d = torch.rand(n_out, K // 32, generator=g) * 0.01
-    lin = Int8Linear(q, d, None, torch.bfloat16, torch.device("cpu"))
+    lin = Int8Linear(q, d, None, torch.bfloat16, torch.device("cpu"), kernel=kernel)
     w = q.float() * d.bfloat16().float().repeat_interleave(32, dim=1)
     x = torch.randn(2, 6, K, generator=g).bfloat16()
-    ref = x.float() @ w.t()
+    ref = (quantize_rows_q8(x) if kernel == "native_vnni" else x.float()) @ w.t()
     out = lin(x)
     assert out.shape == (2, 6, n_out) and out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), ref, atol=1e-5 * ref.abs().max(), rtol=2 ** -8)
+    exact = x.float() @ w.t()
+    assert ((out.float() - exact).norm() / exact.norm()) < 0.02
     rows = x.reshape(12, K)
     for T in (1, 2, 3, 5, 8, 9, 12):
         assert torch.equal(lin(rows[:T]), torch.cat([lin(rows[t:t + 1]) for t in range(T)])), T
     with pytest.raises(ValueError, match="32-wide groups"):
-        Int8Linear(q[:, :48], d[:, :1], None, torch.bfloat16, torch.device("cpu"))
+        Int8Linear(q[:, :48], d[:, :1], None, torch.bfloat16, torch.device("cpu"), kernel=kernel)
+    with pytest.raises(ValueError, match="int8 kernel must be"):
+        Int8Linear(q, d, None, torch.bfloat16, torch.device("cpu"), kernel="pytorch")

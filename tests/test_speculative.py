@@ -21,15 +21,18 @@ from edge_rt.generation.sampling import Sampler, SamplingParams
 from edge_rt.generation.speculative import DraftController, SpeculativeConfig, _walk
 
 
-@pytest.fixture(scope="module", params=["pytorch", "native", "native_bf16"])
+@pytest.fixture(scope="module", params=["pytorch", "native", "native_bf16", "native_vnni"])
 def tiny(request, tmp_path_factory):
-    """A tiny Q8_0 model on each CPU int4 kernel: PyTorch's, and edge-rt's own two
-    (models/int4_matmul.c; each skipped where this CPU cannot run it)."""
+    """A tiny quantized model on each CPU int4 kernel: PyTorch's, and edge-rt's own three
+    (models/int4_matmul.c; each skipped where this CPU cannot run it). Q8_0 (two 4-bit halves, or
+    Int8Linear), or for native_vnni Q4_1 with a Q8_0 output layer."""
     from edge_rt.models import native_kernels
 
     if request.param != "pytorch" and not native_kernels.int4_available(request.param):
-        pytest.skip(f"the {request.param} int4 kernel cannot run here (AVX2 + FMA, AVX-512 BF16, a C compiler)")
-    path = write_tiny_gguf(tmp_path_factory.mktemp("spec") / "tiny.gguf", qtype="Q8_0")
+        pytest.skip(f"the {request.param} int4 kernel cannot run here (AVX2 + FMA, AVX-512 BF16 or VNNI, a C compiler)")
+    # native_vnni: Q4_1 projections and a Q8_0 embedding (the tied output layer), as SmolLM2's GGUF
+    kw = dict(qtype="Q4_1", tensor_types={"token_embd.weight": "Q8_0"}) if request.param == "native_vnni" else {}
+    path = write_tiny_gguf(tmp_path_factory.mktemp("spec") / "tiny.gguf", **kw)
     old = os.environ.get("EDGE_RT_INT4_KERNEL")
     os.environ["EDGE_RT_INT4_KERNEL"] = request.param
     try:
@@ -39,7 +42,7 @@ def tiny(request, tmp_path_factory):
             del os.environ["EDGE_RT_INT4_KERNEL"]
         else:
             os.environ["EDGE_RT_INT4_KERNEL"] = old
-    assert llm.backend.model.lm_head.kernel == {"pytorch": "cpu"}.get(request.param, request.param)
+    assert llm.backend.model.layers[0].attn.wqkv.kernel == {"pytorch": "cpu"}.get(request.param, request.param)
     return llm
 
 
@@ -117,7 +120,7 @@ def test_lazy_verify_rows_equal_the_full_chunk_and_skip_the_second_block(tiny):
     the full verify's, and a walk that stops in the first block never runs the second."""
     be = tiny.backend
     # PyTorch's int4 CPU kernel reads the weights once per 4 rows; the native one once per call
-    block = {"cpu": 4, "native": None, "native_bf16": None}[be.model.lm_head.kernel]
+    block = 4 if be.model.lm_head.kernel == "cpu" else None
     assert be.head_block == block
     ids = _prompts(1)[0]
     be.reset()

@@ -32,22 +32,25 @@ def _check_shape(target: str, got: tuple, want: tuple) -> None:
         raise ModelFormatError(f"tensor for {target} has shape {tuple(got)}, the config implies {tuple(want)}")
 
 
-INT4_KERNELS = ("auto", "native", "native_bf16", "pytorch")
+INT4_KERNELS = ("auto", "native_vnni", "native_bf16", "native", "pytorch")
 
 
 def int4_kernel_for(device: torch.device, dtype: torch.dtype, in_features: int) -> tuple[str, int]:
-    """Which packed int4 kernel runs here: ("native_bf16" | "native" | "cpu" | "cuda" | "dense",
-    CUDA inner_k_tiles).
+    """Which packed int4 kernel runs here: ("native_vnni" | "native_bf16" | "native" | "cpu" | "cuda" |
+    "dense", CUDA inner_k_tiles).
 
-    CPU, bf16: edge-rt's own kernels (models/int4_matmul.c): "native_bf16" where the CPU has
-    AVX-512 BF16, else "native" (AVX2 + FMA) where PyTorch's CPU kernels run at AVX2 level, else
-    PyTorch's _weight_int4pack_mm_for_cpu ("cpu"). Measured on one CPU (docs/BENCHMARKS.md):
-    native_bf16 0.90x PyTorch's AVX-512 kernel's time for a decode step and 0.63x for an 8-token
-    verify; native 0.70x PyTorch's AVX2 kernel's but 1.09x its AVX-512 one's.
-    $EDGE_RT_INT4_KERNEL=native_bf16|native|pytorch overrides the choice (a kernel the CPU cannot
-    run falls through to the next). CPU, other dtypes: "cpu". CUDA: tinygemm's _weight_int4pack_mm,
-    bf16 inputs only, compute capability 8.0+, K a multiple of 16 * inner_k_tiles. Anything else
-    (MPS, older GPUs, fp16 on CUDA) runs a dequantized weight.
+    CPU, bf16: edge-rt's own kernels (models/int4_matmul.c): "native_vnni" where the CPU has
+    AVX-512 VNNI (activations rounded to int8 per 32-wide group, as llama.cpp rounds them, then
+    exact integer dot products), else "native_bf16" where it has AVX-512 BF16, else "native"
+    (AVX2 + FMA) where PyTorch's CPU kernels run at AVX2 level, else PyTorch's
+    _weight_int4pack_mm_for_cpu ("cpu"). Measured on one CPU in the real model
+    (docs/BENCHMARKS.md), time against PyTorch's AVX-512 kernel: native_vnni 0.85x for a decode
+    step and 0.58x for an 8-token verify, native_bf16 0.91x and 0.68x; native 0.70x PyTorch's AVX2
+    kernel's but 1.09x its AVX-512 one's.
+    $EDGE_RT_INT4_KERNEL=native_vnni|native_bf16|native|pytorch overrides the choice (a kernel the
+    CPU cannot run falls through to the next). CPU, other dtypes: "cpu". CUDA: tinygemm's
+    _weight_int4pack_mm, bf16 inputs only, compute capability 8.0+, K a multiple of
+    16 * inner_k_tiles. Anything else (MPS, older GPUs, fp16 on CUDA) runs a dequantized weight.
     """
     choice = os.environ.get("EDGE_RT_INT4_KERNEL", "auto").strip().lower() or "auto"
     if choice not in INT4_KERNELS:
@@ -55,6 +58,8 @@ def int4_kernel_for(device: torch.device, dtype: torch.dtype, in_features: int) 
     if device.type == "cpu" and dtype == torch.bfloat16 and in_features % 32 == 0 and choice != "pytorch":
         from edge_rt.models.native_kernels import int4_available
 
+        if choice in ("auto", "native_vnni") and int4_available("native_vnni"):
+            return "native_vnni", 8
         if choice in ("auto", "native_bf16") and int4_available("native_bf16"):
             return "native_bf16", 8
         if (choice == "native" or torch.backends.cpu.get_cpu_capability() == "AVX2") and int4_available():
@@ -66,6 +71,19 @@ def int4_kernel_for(device: torch.device, dtype: torch.dtype, in_features: int) 
             if in_features % (16 * tiles) == 0:
                 return "cuda", tiles
     return "dense", 8
+
+
+def int8_kernel_for(int4_kernel: str) -> str | None:
+    """Which kernel keeps GGUF Q8_0 weights int8 (Int8Linear) next to int4 layers on
+    `int4_kernel`: "native_vnni" beside native_vnni, else "native_bf16" beside either AVX-512
+    kernel where the CPU has AVX-512 BF16; None: they run as two 4-bit halves on `int4_kernel`."""
+    from edge_rt.models.native_kernels import int4_available
+
+    if int4_kernel == "native_vnni":
+        return "native_vnni"
+    if int4_kernel == "native_bf16" and int4_available("native_bf16"):
+        return "native_bf16"
+    return None
 
 
 def _linear(target, srcs, bias, want, use_int4, dtype, device) -> nn.Module:
@@ -82,8 +100,9 @@ def _linear(target, srcs, bias, want, use_int4, dtype, device) -> nn.Module:
             q8, d = (torch.cat(x) for x in zip(*split8))
             _check_shape(target, q8.shape, want)
             kernel, tiles = int4_kernel_for(device, dtype, 2 * q8.shape[1])
-            if kernel == "native_bf16":
-                return Int8Linear(q8, d, bias, dtype, device)
+            int8 = int8_kernel_for(kernel)
+            if int8:
+                return Int8Linear(q8, d, bias, dtype, device, kernel=int8)
             return Int4Linear(*int8_as_int4(q8, d), INT4_GROUP, bias, dtype, device, input_repeat=2,
                               kernel=kernel, inner_k_tiles=tiles)
     w = torch.cat([s.dense() for s in srcs])

@@ -10,7 +10,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from edge_rt.loading.quants import INT4_TYPES
-from edge_rt.loading.weights import INT4_GROUP, int4_kernel_for
+from edge_rt.loading.weights import INT4_GROUP, int4_kernel_for, int8_kernel_for
 
 ACTIVATION_TOKENS = 512  # the prefill chunk (backends.torch_backend.PREFILL_CHUNK)
 
@@ -49,7 +49,7 @@ def linear_bytes(srcs, dtype: torch.dtype, quantized: bool, device: torch.device
         kernel = _kernel(device, dtype, 2 * K)
         if kernel == "dense":
             return 2 * N * K * _elt(dtype)
-        if kernel == "native_bf16":  # Int8Linear: the int8 codes and one scale per group
+        if int8_kernel_for(kernel):  # Int8Linear: the int8 codes and one scale per group
             return N * K + (N * K // INT4_GROUP) * _elt(dtype)
         return N * K + 2 * (2 * N * K // INT4_GROUP) * _elt(dtype)  # two 4-bit halves
     return N * K * _elt(dtype)

@@ -21,6 +21,8 @@
  * x [T, Kx] bf16 or fp32 (row stride ldx), read `repeat` times along k (K = Kx * repeat: int8
  * weights split into two 4-bit halves); y [T, N] bf16 (rounded to nearest even) or fp32, row
  * stride ldy. Needs AVX2 and FMA (native_kernels.py builds it only where the CPU has them).
+ * Further down, with their own layouts: an AVX-512 BF16 variant, an AVX-512 VNNI variant (int8
+ * activations), and int8 weights (GGUF Q8_0) on AVX-512 BF16.
  * Threads: OpenMP, the units split evenly between threads; in a process that has imported torch
  * the library binds to torch's own libgomp (same soname), so both share one thread pool.
  */
@@ -73,7 +75,7 @@ typedef void (*tile_fn)(const void *codes, const uint16_t *sz, int64_t K, int64_
  * tb = 1 .. max_rows; a unit holds code_unit bytes per input and sz_unit scales per group. */
 typedef struct {
     const tile_fn (*tiles)[4];
-    int64_t max_rows, code_unit, sz_unit;
+    int64_t max_rows, code_unit, sz_unit, xs_group; /* xs_group: floats of xs per row and group */
 } kernel_t;
 
 /* tb rows of units u0 .. u1 into y: the widest tile first, then halves for the remaining units. */
@@ -108,7 +110,7 @@ static void run_rows(const kernel_t *kn, const uint8_t *codes, const uint16_t *s
         for (int64_t t = 0; t < T;) {
             const int64_t tb = T - t >= kn->max_rows ? kn->max_rows : T - t;
             void *yt = y_bf16 ? (void *)((uint16_t *)y + t * ldy) : (void *)((float *)y + t * ldy);
-            run_tiles(kn, tb, codes, sz, K, G, (const char *)x + t * x_row, xs ? xs + t * G : NULL, u0, u1, yt,
+            run_tiles(kn, tb, codes, sz, K, G, (const char *)x + t * x_row, xs ? xs + t * G * kn->xs_group : NULL, u0, u1, yt,
                       y_bf16, ldy, N);
             t += tb;
         }
@@ -173,7 +175,7 @@ static const tile_fn tiles_avx2[5][4] = {
     {tile_1_3, NULL, NULL, NULL},
     {tile_1_4, NULL, NULL, NULL},
 };
-static const kernel_t kernel_avx2 = {tiles_avx2, 4, 8, 32};
+static const kernel_t kernel_avx2 = {tiles_avx2, 4, 8, 32, 1};
 
 /* Returns 0, -1 (scratch allocation failed) or -2 (K not a multiple of 32, or no rows). */
 int64_t edge_rt_int4_matmul(const uint8_t *codes, const uint16_t *sz, const void *x, int64_t x_bf16, int64_t ldx,
@@ -282,7 +284,7 @@ static const tile_fn tiles16[9][4] = {
     {t16_1_7, NULL, NULL, NULL},
     {t16_1_8, NULL, NULL, NULL},
 };
-static const kernel_t kernel_bf16 = {tiles16, 8, 8, 32};
+static const kernel_t kernel_bf16 = {tiles16, 8, 8, 32, 1};
 
 /* As edge_rt_int4_matmul with bf16 x (x_bf16 must be 1) and the bf16x2 codes layout. */
 int64_t edge_rt_int4_matmul_bf16(const uint8_t *codes, const uint16_t *sz, const void *x, int64_t x_bf16, int64_t ldx,
@@ -308,6 +310,215 @@ int64_t edge_rt_int4_matmul_bf16(const uint8_t *codes, const uint16_t *sz, const
     free(xb);
     return 0;
 }
+
+/* ---- AVX-512 VNNI variant (edge_rt_int4_matmul_vnni) ---------------------------------------------
+ * For CPUs with AVX-512 VNNI (vpdpbusd: 16 lanes, each adding four u8 x s8 products to an int32).
+ * Each row of x is quantized per 32-wide group as llama.cpp quantizes activations for its Q4/Q8
+ * dot products (Q8_1): dx = max|x| / 127, xq = x * (127 / max|x|) rounded half to even (as
+ * llama.cpp's AVX quantizer rounds), in -127..127, Q = sum of xq. Then
+ *     y[t, n] += dx[t, g] * ( s[n, g] * A[t, n, g] + (z[n, g] - 8 s[n, g]) * Q[t, g] ),
+ *     A[t, n, g] = sum_{k in g} q[n, k] * xq[t, k]   (an exact integer),
+ * so a row's result depends only on its own x: rows stay invariant as above, and the integer
+ * part is exact whatever the order. A quarter of the instructions of the bf16 variant per weight.
+ * Layout: codes [N / 16, K / 8, 64] bytes: for unit u and octet o, byte 4 j + i holds
+ * q[16 u + j, 8 o + i] (low nibble) and q[16 u + j, 8 o + 4 + i] (high nibble), i = 0..3;
+ * sz as above. The rows' group scales and sums travel in xs: [T, G, 2] (dx, Q).
+ */
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")
+
+/* acc + the u8 x s8 products of w with the four int8 at p in every lane: vpdpbusd with its memory
+ * operand broadcast (GCC does not fold the broadcast itself, and a separate one costs a uop). */
+static inline __attribute__((always_inline)) __m512i dpbusd_bcast(__m512i acc, __m512i w, const int32_t *p) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*p));
+    return acc;
+}
+
+#define TILEV(UB, TB)                                                                                     \
+    static void v4_##UB##_##TB(const void *codes_, const uint16_t *sz, int64_t K, int64_t G,              \
+                               const void *x_, const float *xs, float *y) {                               \
+        const uint8_t *codes = codes_;                                                                    \
+        const int32_t *x4 = x_; /* int8 x, four at a time (K is a multiple of 32: aligned) */          \
+        __m512 tot[TB][UB];                                                                               \
+        _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                             \
+            _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) tot[t][u] = _mm512_setzero_ps();        \
+        const __m512i nib = _mm512_set1_epi8(15);                                                         \
+        for (int64_t g = 0; g < G; g++) {                                                                 \
+            __m512i a[TB][UB];                                                                            \
+            _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                         \
+                _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) a[t][u] = _mm512_setzero_si512();   \
+            _Pragma("GCC unroll 4") for (int64_t o = g * 4; o < g * 4 + 4; o++) {                        \
+                _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) {                                   \
+                    const __m512i c = _mm512_loadu_si512((const void *)(codes + (u * (K / 8) + o) * 64)); \
+                    const __m512i w0 = _mm512_and_si512(c, nib);                                          \
+                    const __m512i w1 = _mm512_and_si512(_mm512_srli_epi16(c, 4), nib);                    \
+                    _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) {                               \
+                        a[t][u] = dpbusd_bcast(a[t][u], w0, x4 + (t * K + 8 * o) / 4);                   \
+                        a[t][u] = dpbusd_bcast(a[t][u], w1, x4 + (t * K + 8 * o) / 4 + 1);               \
+                    }                                                                                     \
+                }                                                                                         \
+            }                                                                                             \
+            _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) {                                       \
+                const uint16_t *q = sz + (u * G + g) * 32;                                                \
+                const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)q)), 16)); \
+                const __m512 z0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(q + 16))), 16)); \
+                const __m512 z = _mm512_fmadd_ps(s, _mm512_set1_ps(-8.0f), z0);                           \
+                _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) {                                   \
+                    __m512 r = _mm512_mul_ps(s, _mm512_cvtepi32_ps(a[t][u]));                             \
+                    r = _mm512_fmadd_ps(z, _mm512_set1_ps(xs[(t * G + g) * 2 + 1]), r);                   \
+                    tot[t][u] = _mm512_fmadd_ps(r, _mm512_set1_ps(xs[(t * G + g) * 2]), tot[t][u]);        \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                             \
+            _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) _mm512_storeu_ps(y + t * 16 * UB + 16 * u, tot[t][u]); \
+    }
+
+TILEV(4, 1) TILEV(2, 1) TILEV(1, 1)
+TILEV(4, 2) TILEV(2, 2) TILEV(1, 2)
+TILEV(2, 3) TILEV(1, 3)
+TILEV(2, 4) TILEV(1, 4)
+TILEV(2, 5) TILEV(1, 5)
+TILEV(2, 6) TILEV(1, 6)
+TILEV(1, 7) TILEV(1, 8) TILEV(1, 9) TILEV(1, 10) TILEV(1, 11) TILEV(1, 12)
+
+/* up to 12 rows in one pass over the weights (2 x 12 accumulators and the weight registers fit
+ * AVX-512's 32), so verify chunks of up to 12 tokens read the weights once */
+static const tile_fn tilesv[13][4] = {
+    {NULL, NULL, NULL, NULL},
+    {v4_1_1, v4_2_1, v4_4_1, NULL},
+    {v4_1_2, v4_2_2, v4_4_2, NULL},
+    {v4_1_3, v4_2_3, NULL, NULL},
+    {v4_1_4, v4_2_4, NULL, NULL},
+    {v4_1_5, v4_2_5, NULL, NULL},
+    {v4_1_6, v4_2_6, NULL, NULL},
+    {v4_1_7, NULL, NULL, NULL},
+    {v4_1_8, NULL, NULL, NULL},
+    {v4_1_9, NULL, NULL, NULL},
+    {v4_1_10, NULL, NULL, NULL},
+    {v4_1_11, NULL, NULL, NULL},
+    {v4_1_12, NULL, NULL, NULL},
+};
+static const kernel_t kernel_vnni = {tilesv, 12, 8, 32, 2};
+
+/* x [T, Kx] bf16 (row stride ldx), repeated `repeat` times along k (Kx a multiple of 32), quantized
+ * per 32-wide group into xq [T, K] int8 and xs [T, G, 2] (dx, Q), as described above. Returns the
+ * buffer holding both (free it), or NULL when it cannot be allocated. */
+static float *quantize_rows_q8(const uint16_t *x, int64_t ldx, int64_t T, int64_t Kx, int64_t repeat, int8_t **xq_out) {
+    const int64_t K = Kx * repeat, G = K / 32;
+    float *xs = malloc(sizeof(float) * (size_t)(T * G * 2) + (size_t)(T * K));
+    if (!xs) return NULL;
+    int8_t *xq = (int8_t *)(xs + T * G * 2);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t g = 0; g < G; g++) {
+            const uint16_t *src = x + t * ldx + (g * 32) % Kx;
+            const __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
+            const __m512 v1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + 16))), 16));
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            const __m512 id = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            /* round to nearest even (the MXCSR default), as llama.cpp's AVX quantizer rounds */
+            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+            _mm_storeu_si128((__m128i *)(xq + t * K + g * 32), _mm512_cvtsepi32_epi8(q0));
+            _mm_storeu_si128((__m128i *)(xq + t * K + g * 32 + 16), _mm512_cvtsepi32_epi8(q1));
+            xs[(t * G + g) * 2] = amax / 127.0f;
+            xs[(t * G + g) * 2 + 1] = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        }
+    *xq_out = xq;
+    return xs;
+}
+
+/* As edge_rt_int4_matmul_bf16 (bf16 x, x_bf16 must be 1) with the VNNI codes layout. */
+int64_t edge_rt_int4_matmul_vnni(const uint8_t *codes, const uint16_t *sz, const void *x, int64_t x_bf16, int64_t ldx,
+                                 int64_t T, int64_t Kx, int64_t repeat, int64_t N, void *y, int64_t y_bf16,
+                                 int64_t ldy) {
+    if (Kx % 32 || T <= 0 || N <= 0 || !x_bf16) return -2;
+    int8_t *xq;
+    float *xs = quantize_rows_q8(x, ldx, T, Kx, repeat, &xq);
+    if (!xs) return -1;
+    run_rows(&kernel_vnni, codes, sz, Kx * repeat, xq, Kx * repeat, xs, T, N, y, y_bf16, ldy);
+    free(xs);
+    return 0;
+}
+
+/* ---- int8 weights, AVX-512 VNNI (edge_rt_int8_matmul_vnni) ---------------------------------------
+ * GGUF Q8_0 weights with x quantized as above (llama.cpp's Q8_0 x Q8_0 dot product):
+ *     y[t, n] = sum_g d[n, g] * dx[t, g] * sum_{k in g} q[n, k] * xq[t, k].
+ * vpdpbusd multiplies unsigned by signed bytes, so the weights are stored as q + 128 (0..255) and
+ * each group's integer sum starts at -128 Q[t, g]: sum (q + 128) xq - 128 sum xq = sum q xq,
+ * exact. Layout: codes [N / 16, K / 4, 64] bytes, for unit u and quad o the byte 4 j + i holding
+ * q[16 u + j, 4 o + i] + 128; d [N / 16, K / 32, 16] bf16 (Int8Linear's scales).
+ */
+#define TILEV8(UB, TB)                                                                                    \
+    static void v8_##UB##_##TB(const void *codes_, const uint16_t *dq, int64_t K, int64_t G,              \
+                               const void *x_, const float *xs, float *y) {                               \
+        const uint8_t *codes = codes_;                                                                    \
+        const int32_t *x4 = x_;                                                                           \
+        __m512 tot[TB][UB];                                                                               \
+        _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                             \
+            _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) tot[t][u] = _mm512_setzero_ps();        \
+        for (int64_t g = 0; g < G; g++) {                                                                 \
+            __m512i a[TB][UB];                                                                            \
+            _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) {                                       \
+                const __m512i start = _mm512_set1_epi32(-128 * (int32_t)xs[(t * G + g) * 2 + 1]);         \
+                _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) a[t][u] = start;                    \
+            }                                                                                             \
+            _Pragma("GCC unroll 8") for (int64_t o = g * 8; o < g * 8 + 8; o++)                          \
+                _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) {                                   \
+                    const __m512i w = _mm512_loadu_si512((const void *)(codes + (u * (K / 4) + o) * 64)); \
+                    _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                 \
+                        a[t][u] = dpbusd_bcast(a[t][u], w, x4 + (t * K + 4 * o) / 4);                     \
+                }                                                                                         \
+            _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) {                                       \
+                const __m512 d = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(            \
+                    _mm256_loadu_si256((const __m256i *)(dq + (u * G + g) * 16))), 16));                  \
+                _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) {                                   \
+                    const __m512 r = _mm512_mul_ps(d, _mm512_set1_ps(xs[(t * G + g) * 2]));               \
+                    tot[t][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[t][u]), r, tot[t][u]);               \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++)                                             \
+            _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) _mm512_storeu_ps(y + t * 16 * UB + 16 * u, tot[t][u]); \
+    }
+
+TILEV8(4, 1) TILEV8(2, 1) TILEV8(1, 1)
+TILEV8(4, 2) TILEV8(2, 2) TILEV8(1, 2)
+TILEV8(2, 3) TILEV8(1, 3)
+TILEV8(2, 4) TILEV8(1, 4)
+TILEV8(2, 5) TILEV8(1, 5)
+TILEV8(2, 6) TILEV8(1, 6)
+TILEV8(1, 7) TILEV8(1, 8) TILEV8(1, 9) TILEV8(1, 10) TILEV8(1, 11) TILEV8(1, 12)
+
+static const tile_fn tilesv8[13][4] = {
+    {NULL, NULL, NULL, NULL},
+    {v8_1_1, v8_2_1, v8_4_1, NULL},
+    {v8_1_2, v8_2_2, v8_4_2, NULL},
+    {v8_1_3, v8_2_3, NULL, NULL},
+    {v8_1_4, v8_2_4, NULL, NULL},
+    {v8_1_5, v8_2_5, NULL, NULL},
+    {v8_1_6, v8_2_6, NULL, NULL},
+    {v8_1_7, NULL, NULL, NULL},
+    {v8_1_8, NULL, NULL, NULL},
+    {v8_1_9, NULL, NULL, NULL},
+    {v8_1_10, NULL, NULL, NULL},
+    {v8_1_11, NULL, NULL, NULL},
+    {v8_1_12, NULL, NULL, NULL},
+};
+static const kernel_t kernel_int8_vnni = {tilesv8, 12, 16, 16, 2};
+
+/* y = x @ w.T for int8 weights in the layout above: x [T, K] bf16 (row stride ldx), y [T, N] bf16
+ * or fp32. Returns 0, -1 (allocation failed) or -2 (K not a multiple of 32, or no rows). */
+int64_t edge_rt_int8_matmul_vnni(const uint8_t *codes, const uint16_t *dq, const uint16_t *x, int64_t ldx, int64_t T,
+                                 int64_t K, int64_t N, void *y, int64_t y_bf16, int64_t ldy) {
+    if (K % 32 || T <= 0 || N <= 0) return -2;
+    int8_t *xq;
+    float *xs = quantize_rows_q8(x, ldx, T, K, 1, &xq);
+    if (!xs) return -1;
+    run_rows(&kernel_int8_vnni, codes, dq, K, xq, K, xs, T, N, y, y_bf16, ldy);
+    free(xs);
+    return 0;
+}
+#pragma GCC pop_options
 
 /* ---- int8 weights, AVX-512 BF16 (edge_rt_int8_matmul_bf16) -------------------------------------
  * y[t, n] = sum_g d[n, g] * sum_{k in g} q[n, k] * x[t, k] for int8 q (GGUF Q8_0): q is exact in
@@ -375,7 +586,7 @@ static const tile_fn tiles8[9][4] = {
     {q8_1_7, NULL, NULL, NULL},
     {q8_1_8, NULL, NULL, NULL},
 };
-static const kernel_t kernel_int8 = {tiles8, 8, 16, 16};
+static const kernel_t kernel_int8 = {tiles8, 8, 16, 16, 1};
 
 /* y = x @ w.T for int8 weights: x [T, K] bf16 (row stride ldx), y [T, N] bf16 or fp32. Returns 0 or
  * -2 (K not a multiple of 32, or no rows). */

@@ -6,13 +6,14 @@ Models build every projection with `make_linear`; a loader then swaps a module f
 - int4 groups (`Int4Linear`): 4-bit codes with a scale and zero per group of 32 inputs,
   w = (q - 8) * scale + zero. GGUF Q4_0 (zero = 0) and Q4_1 (zero = m + 8 d) map onto it without
   re-quantizing; only scale and zero are rounded to the compute dtype. Kernels: edge-rt's own C
-  kernels for bf16 on CPU ("native" with AVX2 + FMA, "native_bf16" with AVX-512 BF16;
-  models/int4_matmul.c: weights read once per call whatever the rows, each row computed as a
-  one-row call computes it), PyTorch's packed int4 matmuls
+  kernels for bf16 on CPU ("native" with AVX2 + FMA, "native_bf16" with AVX-512 BF16,
+  "native_vnni" with AVX-512 VNNI on activations rounded to int8 per group as llama.cpp rounds
+  them; models/int4_matmul.c: weights read once per call whatever the rows, each row computed as
+  a one-row call computes it), PyTorch's packed int4 matmuls
   (`_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm` on CUDA), or a dense weight where
   none exists (MPS). GGUF Q8_0 maps onto it exactly as two 4-bit halves (input_repeat=2);
-- int8 groups (`Int8Linear`): GGUF Q8_0 as it is, w = d * q, on the AVX-512 BF16 kernel only
-  (the loader uses it where that kernel runs: half the products of the two halves).
+- int8 groups (`Int8Linear`): GGUF Q8_0 as it is, w = d * q, on the AVX-512 BF16 or VNNI kernels
+  only (the loader uses it where one runs: half the products of the two halves).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+NATIVE_KERNELS = ("native", "native_bf16", "native_vnni")  # edge-rt's own int4 kernels (models/int4_matmul.c)
 
 
 def make_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Module:
@@ -48,7 +52,7 @@ class Int4Linear(nn.Module):
             bias: [N] or None.
             input_repeat: the input is concatenated this many times before the product (2 for
                 int8 weights split into two 4-bit halves, see loading.quants.int8_as_int4).
-            kernel: "native" / "native_bf16" (edge-rt's C kernels, bf16 on CPU), "cpu" / "cuda" (PyTorch's packed
+            kernel: NATIVE_KERNELS (edge-rt's C kernels, bf16 on CPU), "cpu" / "cuda" (PyTorch's packed
                 int4 matmuls) or "dense" (dequantized weight); the loader chooses it for the device
                 (loading.weights.int4_kernel_for).
             inner_k_tiles: the CUDA kernel's K tiling (K must be a multiple of 16 * it).
@@ -62,7 +66,7 @@ class Int4Linear(nn.Module):
         if self.kernel == "dense":
             w = dequantize_int4(q, scale, zero, group_size).to(device=device, dtype=dtype)
             self.register_buffer("weight", w)
-        elif self.kernel in ("native", "native_bf16"):
+        elif self.kernel in NATIVE_KERNELS:
             if group_size != 32 or dtype != torch.bfloat16 or device.type != "cpu":
                 raise ValueError("the native int4 kernel takes 32-wide groups and bf16 on CPU")
             self.padded_out = 0
@@ -81,7 +85,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.to(device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel in ("native", "native_bf16"):
+        if self.kernel in NATIVE_KERNELS:
             from edge_rt.models.native_kernels import int4_matmul
 
             y = int4_matmul(x, self.codes, self.scales_and_zeros, self.out_features, self.input_repeat, self.kernel)
@@ -107,34 +111,40 @@ class Int4Linear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """Linear layer with int8 weights and a scale per 32-wide group (GGUF Q8_0), w = d * q, on the
-    AVX-512 BF16 kernel (models/int4_matmul.c, `kernel` "native_bf16"): q is exact in bf16, so it
-    takes half the products of the same weights as two 4-bit halves (Int4Linear, input_repeat=2).
-    d is rounded to `dtype` (bf16), as Int4Linear rounds its scales."""
-
-    kernel = "native_bf16"
+    """Linear layer with int8 weights and a scale per 32-wide group (GGUF Q8_0), w = d * q, on
+    edge-rt's AVX-512 kernels (models/int4_matmul.c): `kernel` "native_bf16" (q is exact in bf16,
+    half the products of the same weights as two 4-bit halves in Int4Linear) or "native_vnni"
+    (activations rounded to int8 per group, as llama.cpp's Q8_0 dot product rounds them, then exact
+    integer products). d is rounded to `dtype` (bf16), as Int4Linear rounds its scales."""
 
     def __init__(self, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, kernel: str = "native_bf16"):
         super().__init__()
         N, K = q.shape
         if K % 32 or dtype != torch.bfloat16 or device.type != "cpu":
             raise ValueError("the int8 kernel takes inputs in 32-wide groups and bf16 on CPU")
-        self.in_features, self.out_features, self.group_size = K, N, 32
+        if kernel not in ("native_bf16", "native_vnni"):
+            raise ValueError(f"int8 kernel must be native_bf16 or native_vnni, got {kernel!r}")
+        self.in_features, self.out_features, self.group_size, self.kernel = K, N, 32, kernel
         pad = -N % 16
         q = q.view(torch.int8)
         if pad:
             q = torch.cat([q, q.new_zeros(pad, K)])
             d = torch.cat([d, d.new_zeros(pad, d.shape[1])])
         U = (N + pad) // 16
-        self.register_buffer("codes", q.view(U, 16, K // 2, 2).permute(0, 2, 1, 3).contiguous().view(U, K // 2, 32))
+        if kernel == "native_vnni":  # [U, K / 4, 64]: q + 128 as unsigned bytes, 4 inputs per output
+            codes = (q.to(torch.int16) + 128).to(torch.uint8).view(U, 16, K // 4, 4).permute(0, 2, 1, 3)
+            codes = codes.reshape(U, K // 4, 64)
+        else:  # [U, K / 2, 32]: 2 inputs per output
+            codes = q.view(U, 16, K // 2, 2).permute(0, 2, 1, 3).contiguous().view(U, K // 2, 32)
+        self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scales", d.to(dtype).view(U, 16, K // 32).permute(0, 2, 1).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from edge_rt.models.native_kernels import int8_matmul
 
-        y = int8_matmul(x, self.codes, self.scales, self.out_features)
+        y = int8_matmul(x, self.codes, self.scales, self.out_features, self.kernel)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -182,15 +192,19 @@ def pack_native(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype:
     """[N, K] codes 0..15 and [N, K / 32] scales and zeros -> models/int4_matmul.c's layout:
     codes [N / 16, K, 8] bytes for "native" (byte j of a 16-output unit: output j's code in the
     low nibble, output 8 + j's in the high one), [N / 16, K / 2, 16] for "native_bf16" (byte j:
-    output j's codes at inputs 2p and 2p + 1), and [N / 16, K / 32, 2, 16] scales and zeros in
-    `dtype`; N is padded to a multiple of 16 with zero weights."""
+    output j's codes at inputs 2p and 2p + 1), [N / 16, K / 8, 64] for "native_vnni" (byte 4j + i:
+    output j's codes at inputs 8o + i and 8o + 4 + i), and [N / 16, K / 32, 2, 16] scales and
+    zeros in `dtype`; N is padded to a multiple of 16 with zero weights."""
     N, K = q.shape
     pad = -N % 16
     if pad:
         q = torch.cat([q, q.new_full((pad, K), 8)])
         scale, zero = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scale, zero))
     U, G = (N + pad) // 16, K // 32
-    if variant == "native_bf16":
+    if variant == "native_vnni":
+        g = q.to(torch.uint8).view(U, 16, K // 8, 2, 4)
+        codes = (g[..., 0, :] | (g[..., 1, :] << 4)).permute(0, 2, 1, 3).reshape(U, K // 8, 64)  # [U, K / 8, 64]
+    elif variant == "native_bf16":
         g = q.to(torch.uint8).view(U, 16, K // 2, 2)
         codes = (g[..., 0] | (g[..., 1] << 4)).permute(0, 2, 1).contiguous()  # [U, K / 2, 16]
     else:

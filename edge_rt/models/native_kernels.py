@@ -5,8 +5,9 @@
 - `add_rms_norm`: the residual add and the RMSNorm after it.
 - `silu_mul`: SwiGLU's gate, silu(g) * u, rounded as PyTorch's bf16 ops round.
 - `int4_matmul` (edge_rt/models/int4_matmul.c): int4 group-quantized matrix products for
-  Int4Linear's "native" (AVX2 + FMA) and "native_bf16" (AVX-512 BF16) kernels; the weights are
-  read once per call whatever the rows.
+  Int4Linear's "native" (AVX2 + FMA), "native_bf16" (AVX-512 BF16) and "native_vnni" (AVX-512
+  VNNI, int8 activations) kernels; `int8_matmul` for Int8Linear; the weights are read once per
+  call whatever the rows.
 
 All run on OpenMP threads (queries, rows or outputs split between them; the split never changes a
 result's bits); the libraries bind to torch's own libgomp, so they share PyTorch's thread pool.
@@ -64,20 +65,22 @@ def _int4_kernel():
     if lib is None:
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    for fn in (lib.edge_rt_int4_matmul, lib.edge_rt_int4_matmul_bf16):
+    for fn in (lib.edge_rt_int4_matmul, lib.edge_rt_int4_matmul_bf16, lib.edge_rt_int4_matmul_vnni):
         fn.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, p, i64, i64]
         fn.restype = i64
-    lib.edge_rt_int8_matmul_bf16.argtypes = [p, p, p, i64, i64, i64, i64, p, i64, i64]
-    lib.edge_rt_int8_matmul_bf16.restype = i64
+    for fn in (lib.edge_rt_int8_matmul_bf16, lib.edge_rt_int8_matmul_vnni):
+        fn.argtypes = [p, p, p, i64, i64, i64, i64, p, i64, i64]
+        fn.restype = i64
     return lib
 
 
 def int4_available(variant: str = "native") -> bool:
     """Whether `int4_matmul` runs here: x86-64 with AVX2 and FMA, and the kernel built;
-    variant "native_bf16" also needs AVX-512 BF16."""
-    from edge_rt.native import has_avx512_bf16
+    variant "native_bf16" also needs AVX-512 BF16, "native_vnni" AVX-512 VNNI."""
+    from edge_rt.native import has_avx512_bf16, has_avx512_vnni
 
-    return _int4_kernel() is not None and (variant == "native" or has_avx512_bf16())
+    need = {"native": lambda: True, "native_bf16": has_avx512_bf16, "native_vnni": has_avx512_vnni}[variant]
+    return _int4_kernel() is not None and need()
 
 
 def int4_matmul(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, n_out: int, repeat: int = 1,
@@ -89,8 +92,10 @@ def int4_matmul(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, n_out: i
         codes, sz: from linear.pack_native (K = Kx * repeat).
         n_out: N, the outputs (codes hold them padded to a multiple of 16).
         repeat: the input is read `repeat` times along K (int8 weights as two 4-bit halves).
-        variant: "native" (AVX2 + FMA, fp32 products) or "native_bf16" (AVX-512 BF16 dot
-            products); the codes must be packed for it (pack_native's `variant`).
+        variant: "native" (AVX2 + FMA, fp32 products), "native_bf16" (AVX-512 BF16 dot
+            products) or "native_vnni" (AVX-512 VNNI: x quantized to int8 per 32-wide group, as
+            llama.cpp does, then exact integer dot products); the codes must be packed for it
+            (pack_native's `variant`).
     Returns:
         [..., N] bf16, each row computed exactly as a one-row call computes it.
     """
@@ -100,25 +105,28 @@ def int4_matmul(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, n_out: i
         x2 = x2.to(torch.bfloat16).contiguous()
     y = torch.empty(x2.shape[0], N, dtype=torch.bfloat16)
     lib = _int4_kernel()
-    fn = lib.edge_rt_int4_matmul_bf16 if variant == "native_bf16" else lib.edge_rt_int4_matmul
+    fn = {"native_bf16": lib.edge_rt_int4_matmul_bf16, "native_vnni": lib.edge_rt_int4_matmul_vnni}.get(
+        variant, lib.edge_rt_int4_matmul)
     _check(fn(codes.data_ptr(), sz.data_ptr(), x2.data_ptr(), 1, x2.stride(0),
                                               x2.shape[0], Kx, repeat, N, y.data_ptr(), 1, N),
            f"int4 matmul ({N} x {Kx * repeat})", "an input width that is a multiple of 32")
     return y.view(*x.shape[:-1], N)
 
 
-def int8_matmul(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, n_out: int) -> torch.Tensor:
-    """x @ w.T for int8 weights (w = d * q per 32-wide group) on AVX-512 BF16, in
-    linear.Int8Linear's layout: x [..., K] bf16 on CPU -> [..., N] bf16, each row computed exactly
-    as a one-row call computes it."""
+def int8_matmul(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, n_out: int,
+                variant: str = "native_bf16") -> torch.Tensor:
+    """x @ w.T for int8 weights (w = d * q per 32-wide group) on AVX-512 BF16 or ("native_vnni")
+    VNNI, in linear.Int8Linear's layout for it: x [..., K] bf16 on CPU -> [..., N] bf16, each row
+    computed exactly as a one-row call computes it."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1 or x2.dtype != torch.bfloat16:
         x2 = x2.to(torch.bfloat16).contiguous()
     y = torch.empty(x2.shape[0], n_out, dtype=torch.bfloat16)
-    _check(_int4_kernel().edge_rt_int8_matmul_bf16(codes.data_ptr(), d.data_ptr(), x2.data_ptr(), x2.stride(0),
-                                                   x2.shape[0], K, n_out, y.data_ptr(), 1, n_out),
-           f"int8 matmul ({n_out} x {K})", "an input width that is a multiple of 32")
+    lib = _int4_kernel()
+    fn = lib.edge_rt_int8_matmul_vnni if variant == "native_vnni" else lib.edge_rt_int8_matmul_bf16
+    _check(fn(codes.data_ptr(), d.data_ptr(), x2.data_ptr(), x2.stride(0), x2.shape[0], K, n_out, y.data_ptr(), 1,
+              n_out), f"int8 matmul ({n_out} x {K})", "an input width that is a multiple of 32")
     return y.view(*x.shape[:-1], n_out)
 
 
