@@ -89,52 +89,86 @@ static inline __attribute__((always_inline)) v8 scores8(const float *q, const fl
     return hsum8(acc);
 }
 
-/* One query: out[hd] = softmax(scale * q . k[0..n)) @ v[0..n). buf holds n rounded up to 8 floats.
- * hd is a multiple of 8 and at most 512. */
-static inline __attribute__((always_inline)) void attend_one(const float *q, const float *k, const float *v,
-                                                             int64_t n, int64_t hd, float scale, float *buf,
-                                                             float *out) {
-    int64_t n8 = (n + 7) & ~(int64_t)7;
-    v8 vs = splat(scale), vmax = splat(-3.4e38f);
-    for (int64_t s = 0; s < n8; s += 8) {
-        int64_t cnt = n - s < 8 ? n - s : 8;
-        v8 x = (cnt == 8 ? scores8(q, k + s * hd, 8, hd) : scores8(q, k + s * hd, cnt, hd)) * vs;
-        if (cnt < 8)
-            for (int64_t j = cnt; j < 8; j++) x[j] = -3.4e38f;
-        store8(buf + s, x);
-        v8i gt = x > vmax;
-        vmax = (v8)(((v8i)x & gt) | ((v8i)vmax & ~gt));
+#define KEY_TILE 64 /* keys per tile of the weighted sum: 16 KB of v at head size 64 stays in L1 */
+
+/* A group of nq queries on one KV head: out_i[hd] = softmax(scale * q_i . k[0..n_i)) @ v[0..n_i).
+ * Every query goes through the same operations in the same order as it would alone (nq = 1): its
+ * scores block by block, its softmax, its weighted sum key by key (accumulators kept in acc
+ * between key tiles, stored and reloaded exactly). The queries only share the loops, so keys and
+ * values are read from L1 once per tile instead of from L2 once per query.
+ * buf: nq rows of bstride floats (bstride >= n_i rounded up to 8); acc: nq x hd floats;
+ * vmax: nq vectors. hd is a multiple of 8 and at most 512. */
+static inline __attribute__((always_inline)) void attend_group(const float *const *qs, float *const *outs,
+                                                               const int64_t *ns, int64_t nq, const float *k,
+                                                               const float *v, int64_t hd, float scale, float *buf,
+                                                               int64_t bstride, float *acc, v8 *vmax) {
+    const v8 vs = splat(scale);
+    int64_t nmax = 0;
+    for (int64_t i = 0; i < nq; i++) {
+        vmax[i] = splat(-3.4e38f);
+        nmax = ns[i] > nmax ? ns[i] : nmax;
     }
-    float m = vmax[0];
-    for (int j = 1; j < 8; j++) m = vmax[j] > m ? vmax[j] : m;
-    v8 mm = splat(m), lsum = splat(0.0f);
-    for (int64_t s = 0; s < n8; s += 8) {
-        v8 p = exp8(load8(buf + s) - mm);
-        if (s + 8 > n) /* lanes past the last key count for nothing */
-            for (int64_t j = n - s; j < 8; j++) p[j] = 0.0f;
-        store8(buf + s, p);
-        lsum += p;
+    /* scores, block of 8 keys by block, every query that sees the block */
+    for (int64_t s = 0; s < nmax; s += 8)
+        for (int64_t i = 0; i < nq; i++) {
+            const int64_t n = ns[i];
+            if (s >= n) continue;
+            const int64_t cnt = n - s < 8 ? n - s : 8;
+            v8 x = (cnt == 8 ? scores8(qs[i], k + s * hd, 8, hd) : scores8(qs[i], k + s * hd, cnt, hd)) * vs;
+            if (cnt < 8)
+                for (int64_t j = cnt; j < 8; j++) x[j] = -3.4e38f;
+            store8(buf + i * bstride + s, x);
+            v8i gt = x > vmax[i];
+            vmax[i] = (v8)(((v8i)x & gt) | ((v8i)vmax[i] & ~gt));
+        }
+    /* softmax weights per query (unnormalized; the sum's inverse scales the output) */
+    for (int64_t i = 0; i < nq; i++) {
+        const int64_t n = ns[i], n8 = (n + 7) & ~(int64_t)7;
+        float *b = buf + i * bstride;
+        float m = vmax[i][0];
+        for (int j = 1; j < 8; j++) m = vmax[i][j] > m ? vmax[i][j] : m;
+        v8 mm = splat(m), lsum = splat(0.0f);
+        for (int64_t s = 0; s < n8; s += 8) {
+            v8 p = exp8(load8(b + s) - mm);
+            if (s + 8 > n) /* lanes past the last key count for nothing */
+                for (int64_t j = n - s; j < 8; j++) p[j] = 0.0f;
+            store8(b + s, p);
+            lsum += p;
+        }
+        vmax[i] = splat(1.0f / hsum(lsum)); /* now the inverse of the weights' sum */
+        memset(acc + i * hd, 0, sizeof(float) * (size_t)hd);
     }
-    v8 inv = splat(1.0f / hsum(lsum));
-    v8 acc[64];
-    int64_t c8 = hd / 8;
-    for (int64_t c = 0; c < c8; c++) acc[c] = splat(0.0f);
-    for (int64_t s = 0; s < n; s++) {
-        v8 ps = splat(buf[s]);
-        const float *vr = v + s * hd;
-        for (int64_t c = 0; c < c8; c++) acc[c] += ps * load8(vr + 8 * c);
-    }
-    for (int64_t c = 0; c < c8; c++) store8(out + 8 * c, acc[c] * inv);
+    /* weighted sum of values, tile of keys by tile; each query's accumulators run over its keys in order */
+    const int64_t c8 = hd / 8;
+    for (int64_t s0 = 0; s0 < nmax; s0 += KEY_TILE)
+        for (int64_t i = 0; i < nq; i++) {
+            const int64_t end = s0 + KEY_TILE < ns[i] ? s0 + KEY_TILE : ns[i];
+            if (s0 >= end) continue;
+            const float *b = buf + i * bstride;
+            float *ai = acc + i * hd;
+            v8 a[64];
+            for (int64_t c = 0; c < c8; c++) a[c] = load8(ai + 8 * c);
+            for (int64_t s = s0; s < end; s++) {
+                v8 ps = splat(b[s]);
+                const float *vr = v + s * hd;
+                for (int64_t c = 0; c < c8; c++) a[c] += ps * load8(vr + 8 * c);
+            }
+            for (int64_t c = 0; c < c8; c++) store8(ai + 8 * c, a[c]);
+        }
+    for (int64_t i = 0; i < nq; i++)
+        for (int64_t c = 0; c < c8; c++) store8(outs[i] + 8 * c, load8(acc + i * hd + 8 * c) * vmax[i]);
 }
 
-static void attend_any(const float *q, const float *k, const float *v, int64_t n, int64_t hd, float scale,
-                       float *buf, float *out) {
-    attend_one(q, k, v, n, hd, scale, buf, out);
+static void attend_group_any(const float *const *qs, float *const *outs, const int64_t *ns, int64_t nq,
+                             const float *k, const float *v, int64_t hd, float scale, float *buf, int64_t bstride,
+                             float *acc, v8 *vmax) {
+    attend_group(qs, outs, ns, nq, k, v, hd, scale, buf, bstride, acc, vmax);
 }
 
-static void attend_64(const float *q, const float *k, const float *v, int64_t n, float scale, float *buf,
-                      float *out) {
-    attend_one(q, k, v, n, 64, scale, buf, out);
+static void attend_group_64(const float *const *qs, float *const *outs, const int64_t *ns, int64_t nq,
+                            const float *k, const float *v, float scale, float *buf, int64_t bstride, float *acc,
+                            v8 *vmax) {
+    attend_group(qs, outs, ns, nq, k, v, 64, scale, buf, bstride, acc, vmax);
 }
 
 /* Returns 0, -1 when the scratch buffer cannot be allocated, -2 for a head size it does not take. */
@@ -143,31 +177,63 @@ static int64_t attention(const float *q, int64_t q_sb, int64_t q_st, int64_t q_s
                           float *out, int64_t o_sb, int64_t o_st, int64_t o_sh,
                           int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, int64_t S, float scale) {
     if (hd % 8 || hd > 512) return -2;
-    const int64_t group = H / Hkv, total = B * H * T;
+    const int64_t group = H / Hkv;
+    /* work items: one query each for a decode step (T = 1: the heads spread over the threads);
+     * for a verify chunk, the group's heads for a chunk of rows (at least two chunks, at most 8
+     * rows each), so they share their KV head's tiles. Which queries share an item never changes
+     * a query's bits (attend_group). */
+    const int64_t chunks = T == 1 ? 1 : (T + 7) / 8 > 2 ? (T + 7) / 8 : 2;
+    const int64_t rows = (T + chunks - 1) / chunks, per_item = T == 1 ? 1 : group * rows;
+    const int64_t items = T == 1 ? B * H : B * Hkv * chunks;
+    const int64_t bstride = (S + 7) & ~(int64_t)7;
     int64_t failed = 0;
-    /* queries split between threads (each its own scores buffer); every query is computed alone,
-     * so the split does not change its bits */
-#pragma omp parallel if (total * S * hd >= 65536)
+#pragma omp parallel if (B * H * T * S * hd >= 65536)
     {
-        float *buf = malloc(sizeof(float) * (size_t)((S + 7) & ~(int64_t)7));
+        float *buf = malloc(sizeof(float) * (size_t)(per_item * (bstride + hd)));
+        v8 *vmax = aligned_alloc(sizeof(v8), sizeof(v8) * (size_t)per_item); /* vector loads need 32-byte alignment */
+        const float **qs = malloc(sizeof(float *) * (size_t)per_item);
+        float **outs = malloc(sizeof(float *) * (size_t)per_item);
+        int64_t *ns = malloc(sizeof(int64_t) * (size_t)per_item);
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < total; i++) {
-            if (!buf) {
+        for (int64_t it = 0; it < items; it++) {
+            if (!buf || !vmax || !qs || !outs || !ns) {
 #pragma omp atomic write
                 failed = 1;
                 continue;
             }
-            const int64_t b = i / (H * T), h = (i / T) % H, t = i % T;
-            const float *kh = k + b * kv_sb + (h / group) * kv_sh;
-            const float *vh = v + b * kv_sb + (h / group) * kv_sh;
-            const float *qt = q + b * q_sb + t * q_st + h * q_sh;
-            float *ot = out + b * o_sb + t * o_st + h * o_sh;
+            int64_t b, kvh, nq = 0;
+            if (T == 1) {
+                b = it / H;
+                const int64_t h = it % H;
+                kvh = h / group;
+                qs[0] = q + b * q_sb + h * q_sh;
+                outs[0] = out + b * o_sb + h * o_sh;
+                ns[0] = S;
+                nq = 1;
+            } else {
+                b = it / (Hkv * chunks);
+                kvh = (it / chunks) % Hkv;
+                const int64_t t0 = (it % chunks) * rows, t1 = t0 + rows < T ? t0 + rows : T;
+                for (int64_t h = kvh * group; h < (kvh + 1) * group; h++)
+                    for (int64_t t = t0; t < t1; t++, nq++) {
+                        qs[nq] = q + b * q_sb + t * q_st + h * q_sh;
+                        outs[nq] = out + b * o_sb + t * o_st + h * o_sh;
+                        ns[nq] = S - T + t + 1;
+                    }
+            }
+            const float *kh = k + b * kv_sb + kvh * kv_sh, *vh = v + b * kv_sb + kvh * kv_sh;
+            if (nq == 0) continue;
             if (hd == 64)
-                attend_64(qt, kh, vh, S - T + t + 1, scale, buf, ot);
+                attend_group_64(qs, outs, ns, nq, kh, vh, scale, buf, bstride, buf + per_item * bstride, vmax);
             else
-                attend_any(qt, kh, vh, S - T + t + 1, hd, scale, buf, ot);
+                attend_group_any(qs, outs, ns, nq, kh, vh, hd, scale, buf, bstride, buf + per_item * bstride,
+                                 vmax);
         }
         free(buf);
+        free(vmax);
+        free(qs);
+        free(outs);
+        free(ns);
     }
     return failed ? -1 : 0;
 }
