@@ -374,31 +374,23 @@ static inline __attribute__((always_inline)) __m512i dpbusd_bcast(__m512i acc, _
             _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) _mm512_storeu_ps(y + t * 16 * UB + 16 * u, tot[t][u]); \
     }
 
-TILEV(4, 1) TILEV(2, 1) TILEV(1, 1)
-TILEV(4, 2) TILEV(2, 2) TILEV(1, 2)
-TILEV(2, 3) TILEV(1, 3)
-TILEV(2, 4) TILEV(1, 4)
-TILEV(2, 5) TILEV(1, 5)
-TILEV(2, 6) TILEV(1, 6)
-TILEV(1, 7) TILEV(1, 8) TILEV(1, 9) TILEV(1, 10) TILEV(1, 11) TILEV(1, 12)
+/* The VNNI kernels' tiles: up to 12 rows in one pass over the weights (2 x 12 accumulators and the
+ * weight registers fit AVX-512's 32), so verify chunks of up to 12 tokens read the weights once. */
+#define TILES12(MAKE)                                                                                     \
+    MAKE(4, 1) MAKE(2, 1) MAKE(1, 1) MAKE(4, 2) MAKE(2, 2) MAKE(1, 2) MAKE(2, 3) MAKE(1, 3) MAKE(2, 4)     \
+    MAKE(1, 4) MAKE(2, 5) MAKE(1, 5) MAKE(2, 6) MAKE(1, 6) MAKE(1, 7) MAKE(1, 8) MAKE(1, 9) MAKE(1, 10)   \
+    MAKE(1, 11) MAKE(1, 12)
+#define TABLE12(P)                                                                                        \
+    {                                                                                                     \
+        {NULL, NULL, NULL, NULL}, {P##_1_1, P##_2_1, P##_4_1, NULL}, {P##_1_2, P##_2_2, P##_4_2, NULL},   \
+        {P##_1_3, P##_2_3, NULL, NULL}, {P##_1_4, P##_2_4, NULL, NULL}, {P##_1_5, P##_2_5, NULL, NULL},   \
+        {P##_1_6, P##_2_6, NULL, NULL}, {P##_1_7, NULL, NULL, NULL}, {P##_1_8, NULL, NULL, NULL},         \
+        {P##_1_9, NULL, NULL, NULL}, {P##_1_10, NULL, NULL, NULL}, {P##_1_11, NULL, NULL, NULL},          \
+        {P##_1_12, NULL, NULL, NULL},                                                                     \
+    }
 
-/* up to 12 rows in one pass over the weights (2 x 12 accumulators and the weight registers fit
- * AVX-512's 32), so verify chunks of up to 12 tokens read the weights once */
-static const tile_fn tilesv[13][4] = {
-    {NULL, NULL, NULL, NULL},
-    {v4_1_1, v4_2_1, v4_4_1, NULL},
-    {v4_1_2, v4_2_2, v4_4_2, NULL},
-    {v4_1_3, v4_2_3, NULL, NULL},
-    {v4_1_4, v4_2_4, NULL, NULL},
-    {v4_1_5, v4_2_5, NULL, NULL},
-    {v4_1_6, v4_2_6, NULL, NULL},
-    {v4_1_7, NULL, NULL, NULL},
-    {v4_1_8, NULL, NULL, NULL},
-    {v4_1_9, NULL, NULL, NULL},
-    {v4_1_10, NULL, NULL, NULL},
-    {v4_1_11, NULL, NULL, NULL},
-    {v4_1_12, NULL, NULL, NULL},
-};
+TILES12(TILEV)
+static const tile_fn tilesv[13][4] = TABLE12(v4);
 static const kernel_t kernel_vnni = {tilesv, 12, 8, 32, 2};
 
 /* x [T, Kx] bf16 (row stride ldx), repeated `repeat` times along k (Kx a multiple of 32), quantized
@@ -481,29 +473,8 @@ int64_t edge_rt_int4_matmul_vnni(const uint8_t *codes, const uint16_t *sz, const
             _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) _mm512_storeu_ps(y + t * 16 * UB + 16 * u, tot[t][u]); \
     }
 
-TILEV8(4, 1) TILEV8(2, 1) TILEV8(1, 1)
-TILEV8(4, 2) TILEV8(2, 2) TILEV8(1, 2)
-TILEV8(2, 3) TILEV8(1, 3)
-TILEV8(2, 4) TILEV8(1, 4)
-TILEV8(2, 5) TILEV8(1, 5)
-TILEV8(2, 6) TILEV8(1, 6)
-TILEV8(1, 7) TILEV8(1, 8) TILEV8(1, 9) TILEV8(1, 10) TILEV8(1, 11) TILEV8(1, 12)
-
-static const tile_fn tilesv8[13][4] = {
-    {NULL, NULL, NULL, NULL},
-    {v8_1_1, v8_2_1, v8_4_1, NULL},
-    {v8_1_2, v8_2_2, v8_4_2, NULL},
-    {v8_1_3, v8_2_3, NULL, NULL},
-    {v8_1_4, v8_2_4, NULL, NULL},
-    {v8_1_5, v8_2_5, NULL, NULL},
-    {v8_1_6, v8_2_6, NULL, NULL},
-    {v8_1_7, NULL, NULL, NULL},
-    {v8_1_8, NULL, NULL, NULL},
-    {v8_1_9, NULL, NULL, NULL},
-    {v8_1_10, NULL, NULL, NULL},
-    {v8_1_11, NULL, NULL, NULL},
-    {v8_1_12, NULL, NULL, NULL},
-};
+TILES12(TILEV8)
+static const tile_fn tilesv8[13][4] = TABLE12(v8);
 static const kernel_t kernel_int8_vnni = {tilesv8, 12, 16, 16, 2};
 
 /* y = x @ w.T for int8 weights in the layout above: x [T, K] bf16 (row stride ldx), y [T, N] bf16

@@ -83,6 +83,12 @@ def int4_available(variant: str = "native") -> bool:
     return _int4_kernel() is not None and need()
 
 
+def _bf16_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as [rows, K] bf16 with contiguous rows (a view where it already is one)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 and x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16).contiguous()
+
+
 def int4_matmul(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, n_out: int, repeat: int = 1,
                 variant: str = "native") -> torch.Tensor:
     """x @ w.T for int4 weights in models/int4_matmul.c's layout (see linear.pack_native).
@@ -100,9 +106,7 @@ def int4_matmul(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, n_out: i
         [..., N] bf16, each row computed exactly as a one-row call computes it.
     """
     Kx, N = x.shape[-1], n_out
-    x2 = x.reshape(-1, Kx)
-    if x2.stride(-1) != 1 or x2.dtype != torch.bfloat16:
-        x2 = x2.to(torch.bfloat16).contiguous()
+    x2 = _bf16_rows(x)
     y = torch.empty(x2.shape[0], N, dtype=torch.bfloat16)
     lib = _int4_kernel()
     fn = {"native_bf16": lib.edge_rt_int4_matmul_bf16, "native_vnni": lib.edge_rt_int4_matmul_vnni}.get(
@@ -119,9 +123,7 @@ def int8_matmul(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, n_out: in
     VNNI, in linear.Int8Linear's layout for it: x [..., K] bf16 on CPU -> [..., N] bf16, each row
     computed exactly as a one-row call computes it."""
     K = x.shape[-1]
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1 or x2.dtype != torch.bfloat16:
-        x2 = x2.to(torch.bfloat16).contiguous()
+    x2 = _bf16_rows(x)
     y = torch.empty(x2.shape[0], n_out, dtype=torch.bfloat16)
     lib = _int4_kernel()
     fn = lib.edge_rt_int8_matmul_vnni if variant == "native_vnni" else lib.edge_rt_int8_matmul_bf16
