@@ -97,15 +97,15 @@ static inline __attribute__((always_inline)) v8 scores8(const float *q, const fl
  * between key tiles, stored and reloaded exactly). The queries only share the loops, so keys and
  * values are read from L1 once per tile instead of from L2 once per query.
  * buf: nq rows of bstride floats (bstride >= n_i rounded up to 8); acc: nq x hd floats;
- * vmax: nq vectors. hd is a multiple of 8 and at most 512. */
+ * vmax: 8 floats a query. hd is a multiple of 8 and at most 512. */
 static inline __attribute__((always_inline)) void attend_group(const float *const *qs, float *const *outs,
                                                                const int64_t *ns, int64_t nq, const float *k,
                                                                const float *v, int64_t hd, float scale, float *buf,
-                                                               int64_t bstride, float *acc, v8 *vmax) {
+                                                               int64_t bstride, float *acc, float *vmax) {
     const v8 vs = splat(scale);
     int64_t nmax = 0;
     for (int64_t i = 0; i < nq; i++) {
-        vmax[i] = splat(-3.4e38f);
+        store8(vmax + 8 * i, splat(-3.4e38f));
         nmax = ns[i] > nmax ? ns[i] : nmax;
     }
     /* scores, block of 8 keys by block, every query that sees the block */
@@ -118,15 +118,17 @@ static inline __attribute__((always_inline)) void attend_group(const float *cons
             if (cnt < 8)
                 for (int64_t j = cnt; j < 8; j++) x[j] = -3.4e38f;
             store8(buf + i * bstride + s, x);
-            v8i gt = x > vmax[i];
-            vmax[i] = (v8)(((v8i)x & gt) | ((v8i)vmax[i] & ~gt));
+            const v8 vm = load8(vmax + 8 * i);
+            v8i gt = x > vm;
+            store8(vmax + 8 * i, (v8)(((v8i)x & gt) | ((v8i)vm & ~gt)));
         }
     /* softmax weights per query (unnormalized; the sum's inverse scales the output) */
     for (int64_t i = 0; i < nq; i++) {
         const int64_t n = ns[i], n8 = (n + 7) & ~(int64_t)7;
         float *b = buf + i * bstride;
-        float m = vmax[i][0];
-        for (int j = 1; j < 8; j++) m = vmax[i][j] > m ? vmax[i][j] : m;
+        const float *vm = vmax + 8 * i;
+        float m = vm[0];
+        for (int j = 1; j < 8; j++) m = vm[j] > m ? vm[j] : m;
         v8 mm = splat(m), lsum = splat(0.0f);
         for (int64_t s = 0; s < n8; s += 8) {
             v8 p = exp8(load8(b + s) - mm);
@@ -135,7 +137,7 @@ static inline __attribute__((always_inline)) void attend_group(const float *cons
             store8(b + s, p);
             lsum += p;
         }
-        vmax[i] = splat(1.0f / hsum(lsum)); /* now the inverse of the weights' sum */
+        store8(vmax + 8 * i, splat(1.0f / hsum(lsum))); /* now the inverse of the weights' sum */
         memset(acc + i * hd, 0, sizeof(float) * (size_t)hd);
     }
     /* weighted sum of values, tile of keys by tile; each query's accumulators run over its keys in order */
@@ -156,18 +158,18 @@ static inline __attribute__((always_inline)) void attend_group(const float *cons
             for (int64_t c = 0; c < c8; c++) store8(ai + 8 * c, a[c]);
         }
     for (int64_t i = 0; i < nq; i++)
-        for (int64_t c = 0; c < c8; c++) store8(outs[i] + 8 * c, load8(acc + i * hd + 8 * c) * vmax[i]);
+        for (int64_t c = 0; c < c8; c++) store8(outs[i] + 8 * c, load8(acc + i * hd + 8 * c) * load8(vmax + 8 * i));
 }
 
 static void attend_group_any(const float *const *qs, float *const *outs, const int64_t *ns, int64_t nq,
                              const float *k, const float *v, int64_t hd, float scale, float *buf, int64_t bstride,
-                             float *acc, v8 *vmax) {
+                             float *acc, float *vmax) {
     attend_group(qs, outs, ns, nq, k, v, hd, scale, buf, bstride, acc, vmax);
 }
 
 static void attend_group_64(const float *const *qs, float *const *outs, const int64_t *ns, int64_t nq,
                             const float *k, const float *v, float scale, float *buf, int64_t bstride, float *acc,
-                            v8 *vmax) {
+                            float *vmax) {
     attend_group(qs, outs, ns, nq, k, v, 64, scale, buf, bstride, acc, vmax);
 }
 
@@ -190,7 +192,7 @@ static int64_t attention(const float *q, int64_t q_sb, int64_t q_st, int64_t q_s
 #pragma omp parallel if (B * H * T * S * hd >= 65536)
     {
         float *buf = malloc(sizeof(float) * (size_t)(per_item * (bstride + hd)));
-        v8 *vmax = aligned_alloc(sizeof(v8), sizeof(v8) * (size_t)per_item); /* vector loads need 32-byte alignment */
+        float *vmax = malloc(sizeof(float) * 8 * (size_t)per_item);
         const float **qs = malloc(sizeof(float *) * (size_t)per_item);
         float **outs = malloc(sizeof(float *) * (size_t)per_item);
         int64_t *ns = malloc(sizeof(int64_t) * (size_t)per_item);
