@@ -218,6 +218,20 @@ int64_t edge_rt_int4_matmul(const uint8_t *codes, const uint16_t *sz, const void
  * Layout: codes [N / 16, K / 2, 16] bytes, byte j of unit u at pair p holding q[16 u + j, 2 p]
  * (low nibble) and q[16 u + j, 2 p + 1] (high nibble); sz as above.
  */
+/* 16 bf16 values at p as fp32 (exact). Built for AVX-512F alone, so every AVX-512 kernel below inlines it. */
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+static inline __attribute__((always_inline)) __m512 load_bf16x16(const void *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* A 16-output unit's group scales s and offsets z0 - c s from sz's [16 scales, 16 zeros] at p. */
+static inline __attribute__((always_inline)) void load_scales(const uint16_t *p, float c, __m512 *s, __m512 *z) {
+    *s = load_bf16x16(p);
+    *z = _mm512_fmadd_ps(*s, _mm512_set1_ps(-c), load_bf16x16(p + 16));
+}
+#pragma GCC pop_options
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
 
@@ -250,10 +264,8 @@ int64_t edge_rt_int4_matmul(const uint8_t *codes, const uint16_t *sz, const void
                 }                                                                                         \
             }                                                                                             \
             _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) {                                       \
-                const uint16_t *q = sz + (u * G + g) * 32;                                                \
-                const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)q)), 16)); \
-                const __m512 z0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(q + 16))), 16)); \
-                const __m512 z = _mm512_fmadd_ps(s, _mm512_set1_ps(-136.0f), z0);                          \
+                __m512 s, z;                                                                              \
+                load_scales(sz + (u * G + g) * 32, 136.0f, &s, &z);                                       \
                 _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) {                                   \
                     __m512 r = _mm512_fmadd_ps(s, a[t][u], tot[t][u]);                                    \
                     tot[t][u] = _mm512_fmadd_ps(z, _mm512_set1_ps(xs[t * G + g]), r);                     \
@@ -359,10 +371,8 @@ static inline __attribute__((always_inline)) __m512i dpbusd_bcast(__m512i acc, _
                 }                                                                                         \
             }                                                                                             \
             _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) {                                       \
-                const uint16_t *q = sz + (u * G + g) * 32;                                                \
-                const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)q)), 16)); \
-                const __m512 z0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(q + 16))), 16)); \
-                const __m512 z = _mm512_fmadd_ps(s, _mm512_set1_ps(-8.0f), z0);                           \
+                __m512 s, z;                                                                              \
+                load_scales(sz + (u * G + g) * 32, 8.0f, &s, &z);                                         \
                 _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) {                                   \
                     __m512 r = _mm512_mul_ps(s, _mm512_cvtepi32_ps(a[t][u]));                             \
                     r = _mm512_fmadd_ps(z, _mm512_set1_ps(xs[(t * G + g) * 2 + 1]), r);                   \
@@ -404,8 +414,8 @@ static float *quantize_rows_q8(const uint16_t *x, int64_t ldx, int64_t T, int64_
     for (int64_t t = 0; t < T; t++)
         for (int64_t g = 0; g < G; g++) {
             const uint16_t *src = x + t * ldx + (g * 32) % Kx;
-            const __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
-            const __m512 v1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + 16))), 16));
+            const __m512 v0 = load_bf16x16(src);
+            const __m512 v1 = load_bf16x16(src + 16);
             const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
             const __m512 id = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
             /* round to nearest even (the MXCSR default), as llama.cpp's AVX quantizer rounds */
@@ -461,8 +471,7 @@ int64_t edge_rt_int4_matmul_vnni(const uint8_t *codes, const uint16_t *sz, const
                         a[t][u] = dpbusd_bcast(a[t][u], w, x4 + (t * K + 4 * o) / 4);                     \
                 }                                                                                         \
             _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) {                                       \
-                const __m512 d = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(            \
-                    _mm256_loadu_si256((const __m256i *)(dq + (u * G + g) * 16))), 16));                  \
+                const __m512 d = load_bf16x16(dq + (u * G + g) * 16);                                     \
                 _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) {                                   \
                     const __m512 r = _mm512_mul_ps(d, _mm512_set1_ps(xs[(t * G + g) * 2]));               \
                     tot[t][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[t][u]), r, tot[t][u]);               \
@@ -528,8 +537,7 @@ int64_t edge_rt_int8_matmul_vnni(const uint8_t *codes, const uint16_t *dq, const
                 }                                                                                         \
             }                                                                                             \
             _Pragma("GCC unroll 16") for (int u = 0; u < UB; u++) {                                       \
-                const __m512 d = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(            \
-                    _mm256_loadu_si256((const __m256i *)(dq + (u * G + g) * 16))), 16));                  \
+                const __m512 d = load_bf16x16(dq + (u * G + g) * 16);                                     \
                 _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) tot[t][u] = _mm512_fmadd_ps(d, a[t][u], tot[t][u]); \
             }                                                                                             \
         }                                                                                                 \
