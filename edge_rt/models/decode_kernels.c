@@ -223,8 +223,8 @@ static int64_t attention(const float *q, int64_t q_sb, int64_t q_st, int64_t q_s
                         ns[nq] = S - T + t + 1;
                     }
             }
-            const float *kh = k + b * kv_sb + kvh * kv_sh, *vh = v + b * kv_sb + kvh * kv_sh;
             if (nq == 0) continue;
+            const float *kh = k + b * kv_sb + kvh * kv_sh, *vh = v + b * kv_sb + kvh * kv_sh;
             if (hd == 64)
                 attend_group_64(qs, outs, ns, nq, kh, vh, scale, buf, bstride, buf + per_item * bstride, vmax);
             else

@@ -208,16 +208,6 @@ int64_t edge_rt_int4_matmul(const uint8_t *codes, const uint16_t *sz, const void
     return 0;
 }
 
-/* ---- AVX-512 BF16 variant (edge_rt_int4_matmul_bf16) -------------------------------------------
- * For CPUs with AVX-512 BF16 (vdpbf16ps: 16 lanes, each adding two bf16 products to an fp32
- * accumulator). x must be bf16; a weight enters as the bf16 number 128 + q (bits 0x4300 | q, exact),
- * so per group
- *     y[t, n] += s[n, g] * a[t, n, g] + (z[n, g] - 136 s[n, g]) * X[t, g],
- *     a[t, n, g] = sum over the 16 k-pairs of the group of vdpbf16ps((128 + q) pairs, x pairs),
- * one chain per (t, n) in k order, so rows stay invariant as above.
- * Layout: codes [N / 16, K / 2, 16] bytes, byte j of unit u at pair p holding q[16 u + j, 2 p]
- * (low nibble) and q[16 u + j, 2 p + 1] (high nibble); sz as above.
- */
 /* 16 bf16 values at p as fp32 (exact). Built for AVX-512F alone, so every AVX-512 kernel below inlines it. */
 #pragma GCC push_options
 #pragma GCC target("avx512f")
@@ -232,6 +222,16 @@ static inline __attribute__((always_inline)) void load_scales(const uint16_t *p,
 }
 #pragma GCC pop_options
 
+/* ---- AVX-512 BF16 variant (edge_rt_int4_matmul_bf16) -------------------------------------------
+ * For CPUs with AVX-512 BF16 (vdpbf16ps: 16 lanes, each adding two bf16 products to an fp32
+ * accumulator). x must be bf16; a weight enters as the bf16 number 128 + q (bits 0x4300 | q, exact),
+ * so per group
+ *     y[t, n] += s[n, g] * a[t, n, g] + (z[n, g] - 136 s[n, g]) * X[t, g],
+ *     a[t, n, g] = sum over the 16 k-pairs of the group of vdpbf16ps((128 + q) pairs, x pairs),
+ * one chain per (t, n) in k order, so rows stay invariant as above.
+ * Layout: codes [N / 16, K / 2, 16] bytes, byte j of unit u at pair p holding q[16 u + j, 2 p]
+ * (low nibble) and q[16 u + j, 2 p + 1] (high nibble); sz as above.
+ */
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
 
